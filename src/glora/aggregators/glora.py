@@ -1,0 +1,245 @@
+"""GLoRA: gauge-aware low-rank server aggregation (arXiv 2605.06733; methods.md §3).
+
+Not to be confused with PEFT's unrelated "Generalized LoRA" tuner (``peft.GloraConfig``).
+
+Per module, with folded client factors ``B̃_i`` (d×r_i), ``A_i`` (r_i×k) and weights ``p_i``:
+
+1. client bases ``U_i`` (d×r_i): thin QR of ``B̃_i`` (or, ``basis="svd"``, the left singular
+   vectors of ``B̃_i A_i`` above ``basis_tol · σ_max``, computed in factored form);
+2. consensus subspace ``U_ref`` = top-``R`` left singular vectors of the stack
+   ``M = [√p_1 U_1, …, √p_n U_n]`` (d×S, ``S = Σ r_i``), i.e. the top eigenvectors of
+   ``K = Σ p_i U_i U_iᵀ = M Mᵀ``, which is never formed;
+3. shared coordinates ``C = Σ_i p_i (U_refᵀ B̃_i) A_i`` (R×k); the state ``(U_ref, C)``
+   represents ``ΔW_srv = U_ref C = Π ΔW*`` (the exact average projected onto the consensus);
+   two-sided: ``Z = Σ_i p_i (U_refᵀ B̃_i)(A_i V_ref)`` (R×R), ``ΔW_srv = U_ref Z V_refᵀ``;
+4. readout at rank ``r``: thin SVD ``C = U_c Σ_c V_cᵀ``, ``B = U_ref U_c[:, :r] Σ_c^{1/2}``,
+   ``A = Σ_c^{1/2} V_c[:, :r]ᵀ``, i.e. the truncated SVD of ``ΔW_srv`` (Eckart–Young).
+
+No ``d×d`` or ``d×k`` matrix is formed; modules of equal shape are processed as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from glora.aggregators.base import Aggregator, fill_to_rank
+from glora.linalg import factored_svd, weighted_product_fro_norm_sq
+from glora.types import LoRAFactors, ServerState
+from glora.validation import RoundInput
+
+__all__ = ["GLoRA"]
+
+
+class GLoRA(Aggregator):
+    """Gauge-aware server aggregation with a rank-compatible readout.
+
+    Args:
+        server_rank: ``R``. ``None`` (default, the spec's suggestion) = the round's largest client
+            rank ``r_max``; an int = that rank (capped at ``S = Σ r_i``); ``"auto"`` = the smallest
+            ``R`` whose consensus eigenvalues hold ``energy`` of ``tr K``, kept in ``[r_max, S]``
+            (our extension). ``R ≥ S`` reproduces the exact weighted average (Prop. 1).
+        energy: the energy threshold of ``server_rank="auto"``, in (0, 1].
+        two_sided: also project the input side onto a consensus of the clients' row spaces.
+        basis: ``"qr"`` (thin QR of ``B̃_i``) or ``"svd"`` (thresholded factored SVD of
+            ``B̃_i A_i``: robust to rank-deficient clients).
+        basis_tol: relative singular-value threshold of ``basis="svd"``.
+        consensus: ``"svd"`` (thin SVD of the ``d×S`` stack) or ``"gram"`` (eigendecomposition of
+            its ``S×S`` Gram matrix in float64; faster, squares the condition number).
+        split: singular values in the readout: ``"sqrt"`` (``Σ^{1/2}`` on both factors) or ``"B"``
+            (all of ``Σ`` in ``B``, FlexLoRA's convention).
+        diagnostics: compute the projection error ``‖ΔW* − ΔW_srv‖_F`` (costs ``O((d+k) S²)``).
+        chunk_size: modules processed per batch (bounds the extra memory).
+    """
+
+    name = "glora"
+    mixed_ranks = True
+
+    def __init__(
+        self,
+        *,
+        server_rank: int | Literal["auto"] | None = None,
+        energy: float = 0.9,
+        two_sided: bool = False,
+        basis: Literal["qr", "svd"] = "qr",
+        basis_tol: float = 1e-6,
+        consensus: Literal["svd", "gram"] = "svd",
+        split: Literal["sqrt", "B"] = "sqrt",
+        diagnostics: bool = True,
+        chunk_size: int = 16,
+        **base: object,
+    ) -> None:
+        super().__init__(**base)  # type: ignore[arg-type]
+        if server_rank is not None and server_rank != "auto":
+            if isinstance(server_rank, bool) or not isinstance(server_rank, int) or server_rank < 1:
+                raise ValueError(f"server_rank must be a positive integer, 'auto' or None, got {server_rank!r}")
+        if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+            raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+        if basis not in ("qr", "svd"):
+            raise ValueError(f"basis must be 'qr' or 'svd', got {basis!r}")
+        if consensus not in ("svd", "gram"):
+            raise ValueError(f"consensus must be 'svd' or 'gram', got {consensus!r}")
+        if split not in ("sqrt", "B"):
+            raise ValueError(f"split must be 'sqrt' or 'B', got {split!r}")
+        if not (isinstance(basis_tol, (int, float)) and 0 <= basis_tol < 1):
+            raise ValueError(f"basis_tol must be in [0, 1), got {basis_tol!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        for flag, value in (("two_sided", two_sided), ("diagnostics", diagnostics)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+        self.server_rank = server_rank
+        self.energy = float(energy)
+        self.two_sided = two_sided
+        self.basis = basis
+        self.basis_tol = float(basis_tol)
+        self.consensus = consensus
+        self.split = split
+        self.diagnostics = diagnostics
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------------ aggregation
+    def _client_basis(self, B: Tensor, A: Tensor) -> Tensor:
+        """Orthonormal basis of ``col(B)`` (``(m, d, r)`` → ``(m, d, q)``), zero columns dropped to zeros."""
+        if self.basis == "qr":
+            return torch.linalg.qr(B, mode="reduced").Q
+        U, s, _ = factored_svd(B, A)
+        smax = s[..., :1]
+        keep = (s > self.basis_tol * smax) & (smax > 0)
+        return U * keep.unsqueeze(-2).to(U.dtype)
+
+    def _consensus(self, M: Tensor) -> tuple[Tensor, Tensor]:
+        """Left singular vectors of ``M`` (m, d, S) and the eigenvalues of ``K = M Mᵀ`` (descending)."""
+        if self.consensus == "svd":
+            U, sig, _ = torch.linalg.svd(M, full_matrices=False)
+            return U, sig * sig
+        G = (M.mT @ M).to(torch.float64)
+        lam, V = torch.linalg.eigh(G)  # ascending
+        lam, V = lam.flip(-1), V.flip(-1)
+        q = min(M.shape[-2], M.shape[-1])
+        lam, V = lam[..., :q].clamp_min(0), V[..., :q]
+        inv = torch.where(lam > lam[..., :1] * 1e-12, lam.rsqrt(), torch.zeros_like(lam))
+        U = M @ (V * inv.unsqueeze(-2)).to(M.dtype)
+        return U, lam.to(M.dtype)
+
+    def _choose_rank(self, lam: Tensor, r_max: int, S: int, limit: int) -> int:
+        """Server rank of one module from its consensus eigenvalues ``lam`` (descending)."""
+        if self.server_rank is None:
+            R = r_max
+        elif self.server_rank == "auto":
+            total = float(lam.sum())
+            if total <= 0:
+                R = r_max
+            else:
+                frac = torch.cumsum(lam.to(torch.float64), 0) / total
+                R = int((frac < self.energy - 1e-12).sum()) + 1
+                R = max(r_max, min(R, S))
+        else:
+            R = min(int(self.server_rank), S)
+        return max(1, min(R, limit))
+
+    def _aggregate(self, rnd: RoundInput, prev: ServerState | None) -> ServerState:
+        p = rnd.p()
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for m in rnd.modules:
+            groups[(rnd.shapes[m], rnd.ranks[m])].append(m)
+
+        state = ServerState(method=self.name)
+        ranks_used: dict[str, int] = {}
+        spectra: dict[str, list[float]] = {}
+        err2_total = 0.0
+        norm2_total = 0.0
+        for (_, ranks), names in groups.items():
+            S = sum(ranks)
+            r_max = max(ranks)
+            pw = torch.cat([p[i].expand(r) for i, r in enumerate(ranks)])  # (S,)
+            for start in range(0, len(names), self.chunk_size):
+                chunk = names[start : start + self.chunk_size]
+                Bs = [torch.stack([rnd.factors[m][i].B for m in chunk]) for i in range(rnd.n)]
+                As = [torch.stack([rnd.factors[m][i].A for m in chunk]) for i in range(rnd.n)]
+                M = torch.cat([self._client_basis(B, A) * p[i].sqrt() for i, (B, A) in enumerate(zip(Bs, As))], -1)
+                U_all, lam = self._consensus(M)
+                del M
+                Rs = [self._choose_rank(lam[j], r_max, S, U_all.shape[-1]) for j in range(len(chunk))]
+                Rb = max(Rs)
+                U_ref = U_all[..., :Rb].contiguous()
+                del U_all
+                Bst = torch.cat(Bs, -1)  # (m, d, S)
+                Ast = torch.cat(As, -2)  # (m, S, k)
+                T = (U_ref.mT @ Bst) * pw  # (m, R, S): p_i U_refᵀ B̃_i, side by side
+                del Bst
+                if self.two_sided:
+                    N = torch.cat(
+                        [torch.linalg.qr(A.mT, mode="reduced").Q * p[i].sqrt() for i, A in enumerate(As)], -1
+                    )
+                    V_ref = torch.linalg.svd(N, full_matrices=False).U[..., :Rb].contiguous()
+                    del N
+                    core = T @ (Ast @ V_ref)  # Z: (m, R, R)
+                else:
+                    V_ref = None
+                    core = T @ Ast  # C: (m, R, k)
+                if self.diagnostics:
+                    total = weighted_product_fro_norm_sq(Bs, As, p)  # (m,)
+                for j, m in enumerate(chunk):
+                    R = Rs[j]
+                    named = {"U_ref": U_ref[j, :, :R].clone()}
+                    if V_ref is None:
+                        named["C"] = core[j, :R].clone()
+                    else:
+                        named["V_ref"] = V_ref[j, :, :R].clone()
+                        named["Z"] = core[j, :R, :R].clone()
+                    state.tensors[m] = named
+                    ranks_used[m] = R
+                    c = named["C"] if V_ref is None else named["Z"]
+                    spectra[m] = [float(x) for x in torch.linalg.svdvals(c)]
+                    if self.diagnostics:
+                        kept = float((c * c).sum())
+                        tot = float(total[j])
+                        err2_total += max(tot - kept, 0.0)
+                        norm2_total += tot
+        state.info["server_rank"] = ranks_used
+        diag: dict[str, object] = {
+            "server_rank_mean": sum(ranks_used.values()) / len(ranks_used),
+            "server_rank_max": max(ranks_used.values()),
+            "c_spectrum": spectra,
+        }
+        if self.diagnostics:
+            diag["proj_error_rel"] = math.sqrt(err2_total / norm2_total) if norm2_total > 0 else 0.0
+        state.diagnostics = diag
+        return state
+
+    # ------------------------------------------------------------------ readout
+    def _readout(self, state: ServerState, rank: int | None) -> dict[str, LoRAFactors]:
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for m, named in state.tensors.items():
+            core = named["C"] if "C" in named else named["Z"]
+            groups[(tuple(named["U_ref"].shape), tuple(core.shape), "V_ref" in named)].append(m)
+        out: dict[str, LoRAFactors] = {}
+        for (_, core_shape, two_sided), names in groups.items():
+            U_ref = torch.stack([state.tensors[m]["U_ref"] for m in names])
+            core = torch.stack([state.tensors[m]["Z" if two_sided else "C"] for m in names])
+            Uc, sc, Vch = torch.linalg.svd(core, full_matrices=False)  # (m,R,q), (m,q), (m,q,k|R)
+            if two_sided:
+                V_ref = torch.stack([state.tensors[m]["V_ref"] for m in names])
+                Vch = Vch @ V_ref.mT  # (m, q, k)
+            R = core_shape[0]
+            r = R if rank is None else rank
+            q = min(r, sc.shape[-1])
+            tol = torch.finfo(sc.dtype).eps * max(core_shape) * sc[..., :1]
+            for j, m in enumerate(names):
+                n_eff = min(q, int((sc[j] > tol[j]).sum()))
+                s = sc[j, :n_eff]
+                if self.split == "sqrt":
+                    root = s.sqrt()
+                    B = (U_ref[j] @ Uc[j, :, :n_eff]) * root
+                    A = root.unsqueeze(-1) * Vch[j, :n_eff]
+                else:
+                    B = (U_ref[j] @ Uc[j, :, :n_eff]) * s
+                    A = Vch[j, :n_eff].clone()
+                f = LoRAFactors(A=A.contiguous(), B=B.contiguous())
+                out[m] = fill_to_rank(f, r, seed=self.fresh_seed(state, m))
+        return out
