@@ -172,12 +172,12 @@ class ClientPlan:
     Attributes:
         train: factors that receive gradients this round (the others are frozen).
         upload: factors the client sends; the server's rule reads only these. A factor that is
-            not uploaded is replaced, on the server side, by the one the client received (or
-            zeros when nothing was received for it).
-        download: factors the server sends; the others the client derives itself (a shared
-            seed for FFA-LoRA's frozen ``A``, a fresh initialisation for FLoRA).
+            not uploaded is filled in by the transport with the one the client started from.
+        download: factors the server sends, plus any ``local`` factor the client does not hold
+            yet (e.g. FFA-LoRA's frozen ``A`` on a client's first round).
         local: factors the client keeps between rounds: once it has a stored value it starts
-            from it instead of the server's readout (FedSA-LoRA keeps ``B``).
+            from it instead of the server's readout (FedSA-LoRA keeps ``B``, FFA-LoRA its frozen
+            ``A``).
     """
 
     train: frozenset[str] = frozenset({"A", "B"})
