@@ -38,7 +38,9 @@ def register(name: str, cls: type[Aggregator], *, force: bool = False) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
         raise TypeError(f"{cls!r} is not an Aggregator subclass")
     if not force and (name in _REGISTERED or name in _BUILTIN):
-        raise ValueError(f"aggregator {name!r} is already registered; pass force=True to replace it")
+        raise ValueError(
+            f"aggregator {name!r} is already registered; pass force=True to replace it"
+        )
     _REGISTERED[name] = cls
 
 

@@ -76,7 +76,9 @@ class GLoRA(Aggregator):
         super().__init__(**base)  # type: ignore[arg-type]
         if server_rank is not None and server_rank != "auto":
             if isinstance(server_rank, bool) or not isinstance(server_rank, int) or server_rank < 1:
-                raise ValueError(f"server_rank must be a positive integer, 'auto' or None, got {server_rank!r}")
+                raise ValueError(
+                    f"server_rank must be a positive integer, 'auto' or None, got {server_rank!r}"
+                )
         if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
             raise ValueError(f"energy must be in (0, 1], got {energy!r}")
         if basis not in ("qr", "svd"):
@@ -126,8 +128,11 @@ class GLoRA(Aggregator):
         U = M @ (V * inv.unsqueeze(-2)).to(M.dtype)
         return U, lam.to(M.dtype)
 
-    def _choose_rank(self, lam: Tensor, r_max: int, S: int, limit: int) -> int:
-        """Server rank of one module from its consensus eigenvalues ``lam`` (descending)."""
+    def _choose_rank(self, lam: Tensor, r_max: int, S: int) -> int:
+        """Requested server rank of one module from its consensus eigenvalues ``lam`` (descending).
+
+        Capped at ``S``; each side is further capped at its own dimension by the caller.
+        """
         if self.server_rank is None:
             R = r_max
         elif self.server_rank == "auto":
@@ -140,7 +145,7 @@ class GLoRA(Aggregator):
                 R = max(r_max, min(R, S))
         else:
             R = min(int(self.server_rank), S)
-        return max(1, min(R, limit))
+        return max(1, R)
 
     def _aggregate(self, rnd: RoundInput, prev: ServerState | None) -> ServerState:
         p = rnd.p()
@@ -161,10 +166,17 @@ class GLoRA(Aggregator):
                 chunk = names[start : start + self.chunk_size]
                 Bs = [torch.stack([rnd.factors[m][i].B for m in chunk]) for i in range(rnd.n)]
                 As = [torch.stack([rnd.factors[m][i].A for m in chunk]) for i in range(rnd.n)]
-                M = torch.cat([self._client_basis(B, A) * p[i].sqrt() for i, (B, A) in enumerate(zip(Bs, As))], -1)
+                M = torch.cat(
+                    [
+                        self._client_basis(B, A) * p[i].sqrt()
+                        for i, (B, A) in enumerate(zip(Bs, As))
+                    ],
+                    -1,
+                )
                 U_all, lam = self._consensus(M)
                 del M
-                Rs = [self._choose_rank(lam[j], r_max, S, U_all.shape[-1]) for j in range(len(chunk))]
+                req = [self._choose_rank(lam[j], r_max, S) for j in range(len(chunk))]
+                Rs = [min(R, U_all.shape[-1]) for R in req]  # output side: at most min(d, S)
                 Rb = max(Rs)
                 U_ref = U_all[..., :Rb].contiguous()
                 del U_all
@@ -174,10 +186,16 @@ class GLoRA(Aggregator):
                 del Bst
                 if self.two_sided:
                     N = torch.cat(
-                        [torch.linalg.qr(A.mT, mode="reduced").Q * p[i].sqrt() for i, A in enumerate(As)], -1
+                        [
+                            torch.linalg.qr(A.mT, mode="reduced").Q * p[i].sqrt()
+                            for i, A in enumerate(As)
+                        ],
+                        -1,
                     )
-                    V_ref = torch.linalg.svd(N, full_matrices=False).U[..., :Rb].contiguous()
-                    del N
+                    V_all = torch.linalg.svd(N, full_matrices=False).U  # input side: ≤ min(k, S)
+                    Rvs = [min(R, V_all.shape[-1]) for R in req]
+                    V_ref = V_all[..., : max(Rvs)].contiguous()
+                    del N, V_all
                     core = T @ (Ast @ V_ref)  # Z: (m, R, R)
                 else:
                     V_ref = None
@@ -190,8 +208,8 @@ class GLoRA(Aggregator):
                     if V_ref is None:
                         named["C"] = core[j, :R].clone()
                     else:
-                        named["V_ref"] = V_ref[j, :, :R].clone()
-                        named["Z"] = core[j, :R, :R].clone()
+                        named["V_ref"] = V_ref[j, :, : Rvs[j]].clone()
+                        named["Z"] = core[j, :R, : Rvs[j]].clone()
                     state.tensors[m] = named
                     ranks_used[m] = R
                     c = named["C"] if V_ref is None else named["Z"]
