@@ -135,7 +135,7 @@ def test_consensus_eigenvalues_in_unit_interval():
         [torch.linalg.qr(u.factors[m].B).Q * p[i].sqrt() for i, u in enumerate(ups)],
         dim=1,
     )
-    U, lam = agg._consensus(M.unsqueeze(0))
+    _, lam = agg._consensus(M.unsqueeze(0))
     assert float(lam.min()) >= -1e-12 and float(lam.max()) <= 1 + 1e-12
     assert float(lam.sum()) == pytest.approx(
         float(sum(p[i] * u.factors[m].rank for i, u in enumerate(ups)))
@@ -240,7 +240,7 @@ def test_invalid_update_leaves_state_unchanged():
     bad = random_updates([2, 4])
     f = bad[1].factors["layer.0.q"]
     bad[1] = ClientUpdate("c1", 1.0, {**bad[1].factors, "layer.0.q": LoRAFactors(A=f.A[:1], B=f.B)})
-    with pytest.raises(InvalidUpdate, match="client 'c1', module 'layer.0.q'"):
+    with pytest.raises(InvalidUpdate, match=r"client 'c1', module 'layer\.0\.q'"):
         agg.aggregate(bad)
     assert agg.state is state
 

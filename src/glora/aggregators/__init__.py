@@ -71,7 +71,8 @@ def build(name: str, **options: Any) -> Aggregator:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for aggregator {name!r}; valid options: {', '.join(valid)}"
+            f"unknown option(s) {', '.join(unknown)} for aggregator {name!r}; "
+            f"valid options: {', '.join(valid)}"
         )
     try:
         return cls(**options)

@@ -74,11 +74,16 @@ class GLoRA(Aggregator):
         **base: object,
     ) -> None:
         super().__init__(**base)  # type: ignore[arg-type]
-        if server_rank is not None and server_rank != "auto":
-            if isinstance(server_rank, bool) or not isinstance(server_rank, int) or server_rank < 1:
-                raise ValueError(
-                    f"server_rank must be a positive integer, 'auto' or None, got {server_rank!r}"
-                )
+        if (
+            server_rank is not None
+            and server_rank != "auto"
+            and (
+                isinstance(server_rank, bool) or not isinstance(server_rank, int) or server_rank < 1
+            )
+        ):
+            raise ValueError(
+                f"server_rank must be a positive integer, 'auto' or None, got {server_rank!r}"
+            )
         if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
             raise ValueError(f"energy must be in (0, 1], got {energy!r}")
         if basis not in ("qr", "svd"):
@@ -106,7 +111,7 @@ class GLoRA(Aggregator):
 
     # ------------------------------------------------------------------ aggregation
     def _client_basis(self, B: Tensor, A: Tensor) -> Tensor:
-        """Orthonormal basis of ``col(B)`` (``(m, d, r)`` → ``(m, d, q)``), zero columns dropped to zeros."""
+        """Orthonormal basis of col(B): (m, d, r) → (m, d, q); dropped directions are zero."""
         if self.basis == "qr":
             return torch.linalg.qr(B, mode="reduced").Q
         U, s, _ = factored_svd(B, A)
@@ -115,7 +120,7 @@ class GLoRA(Aggregator):
         return U * keep.unsqueeze(-2).to(U.dtype)
 
     def _consensus(self, M: Tensor) -> tuple[Tensor, Tensor]:
-        """Left singular vectors of ``M`` (m, d, S) and the eigenvalues of ``K = M Mᵀ`` (descending)."""
+        """Left singular vectors of M (m, d, S) and eigenvalues of K = M Mᵀ, descending."""
         if self.consensus == "svd":
             U, sig, _ = torch.linalg.svd(M, full_matrices=False)
             return U, sig * sig
