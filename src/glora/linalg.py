@@ -56,9 +56,12 @@ def weighted_product_fro_norm_sq(Bs: list[Tensor], As: list[Tensor], p: Tensor) 
 
 
 def polar(X: Tensor) -> Tensor:
-    """The orthogonal polar factor ``U Vᵀ`` of ``X = U Σ Vᵀ`` (the nearest orthogonal matrix)."""
-    U, _, Vh = torch.linalg.svd(X)
-    return U @ Vh
+    """The orthogonal polar factor ``U Vᵀ`` of ``X = U Σ Vᵀ`` (the nearest orthogonal matrix).
+
+    The SVD runs in float64 (as in :func:`procrustes`); the result has ``X``'s dtype.
+    """
+    U, _, Vh = torch.linalg.svd(X.to(torch.float64))
+    return (U @ Vh).to(X.dtype)
 
 
 def procrustes(M: Tensor, *, det_fix: bool = True) -> Tensor:
