@@ -66,23 +66,33 @@ class RoundInput:
         return max(self.ranks[module])
 
 
-def _check_tensor(
-    t: object, what: str, cid: str, module: str, max_abs: float
-) -> Tensor:  # returns t typed
+def _check_tensor(t: object, what: str, cid: str, module: str, max_abs: float) -> Tensor:
+    """Check one factor: a dense, real, float32/float64, finite, bounded matrix; return it typed."""
     if not isinstance(t, Tensor):
-        raise InvalidUpdate(f"{what} is {type(t).__name__}, not a torch.Tensor", client_id=cid, module=module)
+        raise InvalidUpdate(
+            f"{what} is {type(t).__name__}, not a torch.Tensor", client_id=cid, module=module
+        )
     if t.dtype not in _FLOAT_DTYPES:
         raise InvalidUpdate(
             f"{what} has dtype {t.dtype}; use float32 or float64", client_id=cid, module=module
         )
+    if t.layout != torch.strided:
+        raise InvalidUpdate(
+            f"{what} has layout {t.layout}; send a dense (strided) tensor",
+            client_id=cid,
+            module=module,
+        )
+    if t.device.type == "meta":
+        raise InvalidUpdate(f"{what} is a meta tensor without values", client_id=cid, module=module)
     if t.dim() != 2:
         raise InvalidUpdate(
             f"{what} must be a matrix, got shape {tuple(t.shape)}", client_id=cid, module=module
         )
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    t_values = t.detach()  # checks read values only: no autograd graph, no grad warnings
+    if t.numel() and not bool(torch.isfinite(t_values).all()):
         raise InvalidUpdate(f"{what} contains NaN or Inf values", client_id=cid, module=module)
     if t.numel():
-        biggest = float(t.abs().max())
+        biggest = float(t_values.abs().max())
         if biggest > max_abs:
             raise InvalidUpdate(
                 f"{what} has an entry of magnitude {biggest:.3g}, above the limit {max_abs:.3g} "
@@ -104,11 +114,11 @@ def validate_updates(
 
     Checks: a non-empty list of :class:`ClientUpdate`; unique non-empty string client ids;
     finite weights > 0; the same module set for every client (and equal to
-    ``expected_shapes``' keys when given); per module, ``A`` (r×k) and ``B`` (d×r) real matrices
-    of one common dtype (float32 or float64), the rank of ``A`` and ``B`` equal and ≥ 1 (and
-    ≤ ``max_rank``), ``d`` and ``k`` equal across clients (and to ``expected_shapes``), all
-    values finite and at most ``max_abs`` in magnitude; ``extra`` tensors with the same keys and
-    shapes across clients, finite.
+    ``expected_shapes``' keys when given); per module, ``A`` (r×k) and ``B`` (d×r) dense real
+    matrices of one common dtype (float32 or float64) on one device, the rank of ``A`` and ``B``
+    equal and ≥ 1 (and ≤ ``max_rank``), ``d, k ≥ 1`` and equal across clients (and to
+    ``expected_shapes``), all values finite and at most ``max_abs`` in magnitude; ``extra``
+    tensors with the same keys and shapes across clients, finite.
 
     Raises:
         InvalidUpdate: naming the client, the module and the problem.
@@ -127,7 +137,14 @@ def validate_updates(
     raw_weights: list[float] = []
     for i, u in enumerate(updates):
         if not isinstance(u, ClientUpdate):
-            raise InvalidUpdate(f"update #{i} is {type(u).__name__}, not a ClientUpdate")
+            try:  # duck-typed objects: name the client if we can
+                named = getattr(u, "client_id", None)
+            except Exception:
+                named = None
+            raise InvalidUpdate(
+                f"update #{i} is {type(u).__name__}, not a ClientUpdate",
+                client_id=named if isinstance(named, str) and named else None,
+            )
         cid = u.client_id
         if not isinstance(cid, str) or not cid:
             raise InvalidUpdate(f"update #{i} has client_id {cid!r}; use a non-empty string")
@@ -137,34 +154,49 @@ def validate_updates(
         w = u.weight
         if isinstance(w, bool) or not isinstance(w, numbers.Real):
             raise InvalidUpdate(f"weight is {type(w).__name__}, not a number", client_id=cid)
-        w = float(w)
+        try:
+            w = float(w)
+        except (OverflowError, ValueError, TypeError):
+            raise InvalidUpdate(
+                f"weight {u.weight!r} cannot be converted to a float", client_id=cid
+            ) from None
         if not math.isfinite(w) or w <= 0:
             raise InvalidUpdate(f"weight must be finite and > 0, got {w!r}", client_id=cid)
         raw_weights.append(w)
         if not isinstance(u.factors, Mapping) or len(u.factors) == 0:
-            raise InvalidUpdate("factors must be a non-empty mapping of module names", client_id=cid)
+            raise InvalidUpdate(
+                "factors must be a non-empty mapping of module names", client_id=cid
+            )
         if not isinstance(u.extra, Mapping):
             raise InvalidUpdate("extra must be a mapping of tensor names", client_id=cid)
 
     first = updates[0]
     reference = set(expected_shapes) if expected_shapes is not None else set(first.factors)
-    ref_label = "the server's module set" if expected_shapes is not None else (
-        f"the module set of client {first.client_id!r}"
+    ref_label = (
+        "the server's module set"
+        if expected_shapes is not None
+        else (f"the module set of client {first.client_id!r}")
     )
     for u in updates:
         names = set(u.factors)
         bad = [n for n in names if not isinstance(n, str) or not n]
         if bad:
-            raise InvalidUpdate(f"module names must be non-empty strings, got {bad[0]!r}", client_id=u.client_id)
+            raise InvalidUpdate(
+                f"module names must be non-empty strings, got {bad[0]!r}", client_id=u.client_id
+            )
         missing = sorted(reference - names)
         extra = sorted(names - reference)
         if missing:
             raise InvalidUpdate(
-                f"missing module(s) {missing[:5]} that {ref_label} has", client_id=u.client_id, module=missing[0]
+                f"missing module(s) {missing[:5]} that {ref_label} has",
+                client_id=u.client_id,
+                module=missing[0],
             )
         if extra:
             raise InvalidUpdate(
-                f"unexpected module(s) {extra[:5]} not in {ref_label}", client_id=u.client_id, module=extra[0]
+                f"unexpected module(s) {extra[:5]} not in {ref_label}",
+                client_id=u.client_id,
+                module=extra[0],
             )
 
     modules = tuple(sorted(reference))
@@ -178,23 +210,32 @@ def validate_updates(
         for m in modules:
             f = u.factors[m]
             if not isinstance(f, LoRAFactors):
-                raise InvalidUpdate(f"is {type(f).__name__}, not LoRAFactors", client_id=cid, module=m)
+                raise InvalidUpdate(
+                    f"factors are {type(f).__name__}, not LoRAFactors", client_id=cid, module=m
+                )
             A = _check_tensor(f.A, "A", cid, m, max_abs)
             B = _check_tensor(f.B, "B", cid, m, max_abs)
             if A.dtype != B.dtype:
                 raise InvalidUpdate(
-                    f"A is {A.dtype} but B is {B.dtype}; both factors need one dtype", client_id=cid, module=m
+                    f"A is {A.dtype} but B is {B.dtype}; both factors need one dtype",
+                    client_id=cid,
+                    module=m,
                 )
             if dtype is None:
                 dtype, device = A.dtype, A.device
             elif A.dtype != dtype:
                 raise InvalidUpdate(
-                    f"dtype {A.dtype} differs from the round's {dtype}; send every update in one dtype",
+                    f"dtype {A.dtype} differs from the round's {dtype}; "
+                    "send every update in one dtype",
                     client_id=cid,
                     module=m,
                 )
             if A.device != device or B.device != device:
-                raise InvalidUpdate(f"tensors are on {A.device}/{B.device}, expected {device}", client_id=cid, module=m)
+                raise InvalidUpdate(
+                    f"tensors are on {A.device}/{B.device}, expected {device}",
+                    client_id=cid,
+                    module=m,
+                )
             r = int(A.shape[0])
             if int(B.shape[1]) != r:
                 raise InvalidUpdate(
@@ -206,8 +247,16 @@ def validate_updates(
             if r < 1:
                 raise InvalidUpdate("rank 0: A and B have no components", client_id=cid, module=m)
             if max_rank is not None and r > max_rank:
-                raise InvalidUpdate(f"rank {r} exceeds the cap max_rank={max_rank}", client_id=cid, module=m)
+                raise InvalidUpdate(
+                    f"rank {r} exceeds the cap max_rank={max_rank}", client_id=cid, module=m
+                )
             d, k = int(B.shape[0]), int(A.shape[1])
+            if d < 1 or k < 1:
+                raise InvalidUpdate(
+                    f"empty layer: the update is {d}×{k} (B has {d} rows, A has {k} columns)",
+                    client_id=cid,
+                    module=m,
+                )
             if m in shapes:
                 if (d, k) != tuple(shapes[m]):
                     exp = shapes[m]
@@ -220,6 +269,8 @@ def validate_updates(
             else:
                 shapes[m] = (d, k)
             ranks[m].append(r)
+            if A.requires_grad or B.requires_grad:  # no autograd graph in the server state
+                f = LoRAFactors(A=A.detach(), B=B.detach())
             factors[m].append(f)
 
     extra_keys = set(first.extra)
@@ -228,16 +279,22 @@ def validate_updates(
         if set(u.extra) != extra_keys:
             diff = sorted(set(u.extra) ^ extra_keys)
             raise InvalidUpdate(
-                f"extra tensors {diff[:5]} differ from client {first.client_id!r}'s", client_id=u.client_id
+                f"extra tensors {diff[:5]} differ from client {first.client_id!r}'s",
+                client_id=u.client_id,
             )
         for name, t in u.extra.items():
             if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise InvalidUpdate(f"extra tensor {name!r} must be a floating torch.Tensor", client_id=u.client_id)
+                raise InvalidUpdate(
+                    f"extra tensor {name!r} must be a floating torch.Tensor", client_id=u.client_id
+                )
             if not bool(torch.isfinite(t).all()):
-                raise InvalidUpdate(f"extra tensor {name!r} contains NaN or Inf", client_id=u.client_id)
+                raise InvalidUpdate(
+                    f"extra tensor {name!r} contains NaN or Inf", client_id=u.client_id
+                )
             if name in extra_shapes and tuple(t.shape) != extra_shapes[name]:
                 raise InvalidUpdate(
-                    f"extra tensor {name!r} has shape {tuple(t.shape)}, others {extra_shapes[name]}",
+                    f"extra tensor {name!r} has shape {tuple(t.shape)}, "
+                    f"others {extra_shapes[name]}",
                     client_id=u.client_id,
                 )
             extra_shapes[name] = tuple(t.shape)

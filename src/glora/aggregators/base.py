@@ -20,12 +20,13 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from glora.linalg import derive_seed, fresh_factors
+from glora.robust import apply_norm_guard, check_norm_guard_options
 from glora.types import ClientPlan, ClientUpdate, InvalidUpdate, LoRAFactors, ServerState, UnsupportedRanks
 from glora.validation import DEFAULT_MAX_ABS, RoundInput, validate_updates
 
@@ -74,6 +75,12 @@ class Aggregator(ABC):
         max_rank: reject updates of a larger rank.
         max_abs: reject updates with an entry larger than this in magnitude.
         seed: seeds the fresh components of readouts (deterministic per round and module).
+        norm_guard: robust-aggregation option, off (``None``) by default: a multiple (``≥ 1``) of
+            the round's median client update norm ``sqrt(Σ_m ‖B̃_i A_i‖_F²)``; clients above it
+            are handled per ``norm_guard_mode`` (see :func:`glora.robust.apply_norm_guard`).
+        norm_guard_mode: ``"reject"`` (drop the outliers, never all clients) or ``"clip"``
+            (scale their ``B̃`` down to the threshold norm). What happened is recorded in
+            ``state.diagnostics["norm_guard"]``.
     """
 
     name: ClassVar[str] = ""
@@ -86,6 +93,8 @@ class Aggregator(ABC):
         max_rank: int | None = None,
         max_abs: float = DEFAULT_MAX_ABS,
         seed: int = 0,
+        norm_guard: float | None = None,
+        norm_guard_mode: Literal["reject", "clip"] = "reject",
     ) -> None:
         if not isinstance(pad, bool):
             raise ValueError(f"pad must be true or false, got {pad!r}")
@@ -98,7 +107,10 @@ class Aggregator(ABC):
         self.pad = pad
         self.max_rank = max_rank
         self.max_abs = float(max_abs)
+        check_norm_guard_options(norm_guard, norm_guard_mode)
         self.seed = seed
+        self.norm_guard = None if norm_guard is None else float(norm_guard)
+        self.norm_guard_mode = norm_guard_mode
         self._state: ServerState | None = None
 
     # ------------------------------------------------------------------ options
@@ -162,6 +174,17 @@ class Aggregator(ABC):
         inputs are never mutated.
         """
         rnd = self._validate(updates, with_state=True)
+        guard: dict[str, Any] | None = None
+        if self.norm_guard is not None:
+            n_in = rnd.n
+            rnd, actions = apply_norm_guard(rnd, self.norm_guard, self.norm_guard_mode)
+            guard = {
+                "multiple": self.norm_guard,
+                "mode": self.norm_guard_mode,
+                "clients": n_in,
+                "kept": rnd.n,
+                "actions": actions,
+            }
         if rnd.mixed_ranks() and not self.mixed_ranks:
             if not self.pad:
                 detail = "; ".join(f"{cid}: r={r}" for cid, r in zip(rnd.client_ids, rnd.ranks[rnd.modules[0]]))
@@ -174,6 +197,8 @@ class Aggregator(ABC):
         new = self._aggregate(rnd, prev)
         new.method = self.name
         new.round = (prev.round if prev is not None else 0) + 1
+        if guard is not None:
+            new.diagnostics["norm_guard"] = guard
         if prev is not None:
             new.info.setdefault("shapes", prev.info.get("shapes"))
         else:
