@@ -11,7 +11,10 @@ import zlib
 import torch
 from torch import Tensor
 
+from glora.types import LoRAFactors
+
 __all__ = [
+    "compress_exact",
     "derive_seed",
     "factored_svd",
     "fresh_factors",
@@ -30,7 +33,7 @@ def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         A: ``(..., r, k)``.
 
     Returns:
-        ``(U, S, V)`` with ``U`` ``(..., d, q)``, ``S`` ``(..., q)`` descending, ``V`` ``(..., k, q)``,
+        ``(U, S, V)``: ``U`` ``(..., d, q)``, ``S`` ``(..., q)`` descending, ``V`` ``(..., k, q)``,
         ``q = min(r, d, k)``, and ``B @ A = U diag(S) Vᵀ``. Cost ``O((d + k) r² + r³)``.
     """
     Qb, Rb = torch.linalg.qr(B, mode="reduced")  # d×q1, q1×r
@@ -38,6 +41,27 @@ def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     core = Rb @ Ra.mT  # q1×q2
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
     return Qb @ Uc, S, Qa @ Vch.mT
+
+
+def compress_exact(f: LoRAFactors, *, min_rank: int = 0) -> LoRAFactors:
+    """The same product ``B @ A`` (d×k) in its numerical rank ``q ≤ min(r, d, k)``.
+
+    Thin SVD in factored form ``B @ A = U diag(σ) Vᵀ``; keeps the components with
+    ``σ > eps(dtype) · max(d, k) · σ_max`` and returns ``B = U √σ`` (d×q), ``A = √σ Vᵀ`` (q×k).
+    Exact up to rounding: only numerically zero singular values are dropped. ``min_rank`` pads
+    with zero components (e.g. 1 for an adapter file, which cannot have rank 0).
+    """
+    U, sig, V = factored_svd(f.B, f.A)
+    if sig.numel() == 0:
+        out = LoRAFactors(A=f.A.new_zeros(0, f.k), B=f.B.new_zeros(f.d, 0))
+    else:
+        keep = sig > torch.finfo(sig.dtype).eps * max(f.d, f.k) * sig[0]
+        root = sig[keep].sqrt()
+        out = LoRAFactors(
+            A=(root.unsqueeze(-1) * V[:, keep].mT).contiguous(),
+            B=(U[:, keep] * root).contiguous(),
+        )
+    return out.pad(min_rank) if out.rank < min_rank else out
 
 
 def product_fro_norm_sq(B: Tensor, A: Tensor) -> Tensor:
@@ -96,7 +120,7 @@ def derive_seed(*parts: int | str) -> int:
 def fresh_factors(
     d: int, k: int, rank: int, *, seed: int, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
-    """A fresh LoRA initialisation as PEFT makes it: ``A`` ``(rank, k)`` ~ U(-1/√k, 1/√k), ``B = 0``.
+    """A fresh LoRA initialisation as PEFT makes it: ``A`` (rank×k) ~ U(-1/√k, 1/√k), ``B = 0``.
 
     PEFT initialises ``lora_A`` with ``kaiming_uniform_(a=√5)``, whose bound is ``1/√fan_in``
     with ``fan_in = k``; rows are i.i.d., so the first ``r`` rows of a rank-``R`` draw are a valid

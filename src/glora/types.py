@@ -216,7 +216,7 @@ class ServerState:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def flat_tensors(self) -> dict[str, Tensor]:
-        """All tensors under flat string keys (for safetensors): ``t/<module>/<name>``, ``base/<module>/A|B``."""
+        """All tensors under flat keys: ``t/<module>/<name>`` and ``base/<module>/A|B``."""
         flat: dict[str, Tensor] = {}
         for module, named in self.tensors.items():
             for name, tensor in named.items():

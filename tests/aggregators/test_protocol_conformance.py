@@ -25,7 +25,9 @@ def _initial(rank: int = 4) -> dict[str, LoRAFactors]:
     return out
 
 
-def _round_from(agg, state: ServerState, rnd: int, ranks: list[int], seed: int) -> list[ClientUpdate]:
+def _round_from(
+    agg, state: ServerState, rnd: int, ranks: list[int], seed: int
+) -> list[ClientUpdate]:
     """Clients that start from the readout, follow the plan, and 'train' by a random step."""
     plan = agg.client_plan(rnd)
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +95,9 @@ def test_float32_in_float32_out_and_inputs_untouched(name):
 @pytest.mark.parametrize("name", sorted(EXACT_EFFECTIVE))
 def test_exact_rules_reproduce_the_weighted_average(name):
     ups = random_updates([2, 5, 3], SHAPES)
-    agg = aggregators.build(name, **EXACT_EFFECTIVE[name], **({} if agg_mixed(name) else {"pad": True}))
+    agg = aggregators.build(
+        name, **EXACT_EFFECTIVE[name], **({} if agg_mixed(name) else {"pad": True})
+    )
     eff = agg.effective_update(agg.aggregate(ups))
     exact = oracle(ups)
     for m in exact:

@@ -25,9 +25,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from glora.linalg import derive_seed, fresh_factors
+from glora.linalg import compress_exact, derive_seed, fresh_factors
 from glora.robust import apply_norm_guard, check_norm_guard_options
-from glora.types import ClientPlan, ClientUpdate, InvalidUpdate, LoRAFactors, ServerState, UnsupportedRanks
+from glora.types import (
+    ClientPlan,
+    ClientUpdate,
+    LoRAFactors,
+    ServerState,
+    UnsupportedRanks,
+)
 from glora.validation import DEFAULT_MAX_ABS, RoundInput, validate_updates
 
 __all__ = ["Aggregator", "fill_to_rank", "pad_factors", "weighted_sum"]
@@ -98,7 +104,9 @@ class Aggregator(ABC):
     ) -> None:
         if not isinstance(pad, bool):
             raise ValueError(f"pad must be true or false, got {pad!r}")
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        if max_rank is not None and (
+            isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1
+        ):
             raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
         if not (isinstance(max_abs, (int, float)) and max_abs > 0):
             raise ValueError(f"max_abs must be a positive number, got {max_abs!r}")
@@ -163,7 +171,7 @@ class Aggregator(ABC):
         self._state = state
         return state
 
-    def _init(self, state: ServerState) -> None:
+    def _init(self, state: ServerState) -> None:  # noqa: B027 - optional hook, not abstract
         """Hook: add method-specific round-0 state (default: nothing)."""
 
     # ------------------------------------------------------------------ server API
@@ -185,18 +193,20 @@ class Aggregator(ABC):
                 "kept": rnd.n,
                 "actions": actions,
             }
-        if rnd.mixed_ranks() and not self.mixed_ranks:
-            if not self.pad:
-                detail = "; ".join(f"{cid}: r={r}" for cid, r in zip(rnd.client_ids, rnd.ranks[rnd.modules[0]]))
-                raise UnsupportedRanks(
-                    f"{self.name} is defined for one LoRA rank, but the clients have different ranks "
-                    f"({detail}). Give every client the same rank, use a method with native mixed-rank "
-                    f"support (glora, flexlora, hetlora, flora), or pass pad=True for zero-padding."
-                )
+        if rnd.mixed_ranks() and not self.mixed_ranks and not self.pad:
+            module = next(m for m in rnd.modules if len(set(rnd.ranks[m])) > 1)
+            detail = "; ".join(f"{c}: r={r}" for c, r in zip(rnd.client_ids, rnd.ranks[module]))
+            raise UnsupportedRanks(
+                f"{self.name} is defined for one LoRA rank, but the clients have different "
+                f"ranks ({detail}). Give every client the same rank, use a method with native "
+                "mixed-rank support (glora, flexlora, hetlora, flora), or pass pad=True for "
+                "zero-padding.",
+                module=module,
+            )
         prev = self._state
         new = self._aggregate(rnd, prev)
         new.method = self.name
-        new.round = (prev.round if prev is not None else 0) + 1
+        new.round = self.next_round(prev)
         if guard is not None:
             new.diagnostics["norm_guard"] = guard
         if prev is not None:
@@ -242,7 +252,9 @@ class Aggregator(ABC):
     def effective_update(self, state: ServerState) -> dict[str, LoRAFactors]:
         """The global model's total update relative to the original base weights, in factors.
 
-        ``base_delta`` (if any) concatenated with the full readout: ``W = W0 + B @ A``.
+        ``base_delta`` (if any) plus the full readout, ``W = W0 + B @ A``; when a base delta
+        exists the concatenation is re-expressed exactly in its numerical rank
+        (:func:`glora.linalg.compress_exact`).
         """
         adapter = self.readout(state)
         if not state.base_delta:
@@ -253,12 +265,14 @@ class Aggregator(ABC):
             if base is None:
                 out[m] = f
             else:
-                out[m] = LoRAFactors(A=torch.cat([base.A, f.A], 0), B=torch.cat([base.B, f.B], 1))
+                base = base.to(f.dtype)
+                both = LoRAFactors(A=torch.cat([base.A, f.A], 0), B=torch.cat([base.B, f.B], 1))
+                out[m] = compress_exact(both)
         return out
 
     # ------------------------------------------------------------------ client hooks
     def client_plan(self, round: int) -> ClientPlan:
-        """How clients take part in ``round`` (1-based). Default: train and exchange both factors."""
+        """How clients take part in ``round`` (1-based). Default: train and exchange both."""
         return ClientPlan()
 
     def prepare_upload(
@@ -271,14 +285,24 @@ class Aggregator(ABC):
         return dict(trained)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def next_round(prev: ServerState | None) -> int:
+        """The 1-based number of the round being aggregated after ``prev``."""
+        return (prev.round if prev is not None else 0) + 1
+
     def _validate(self, updates: Sequence[ClientUpdate], *, with_state: bool) -> RoundInput:
         expected = None
         if with_state and self._state is not None and self._state.info.get("shapes"):
             expected = {m: (int(s[0]), int(s[1])) for m, s in self._state.info["shapes"].items()}
-        return validate_updates(updates, expected_shapes=expected, max_rank=self.max_rank, max_abs=self.max_abs)
+        return validate_updates(
+            updates, expected_shapes=expected, max_rank=self.max_rank, max_abs=self.max_abs
+        )
 
     def _same_rank_factors(self, rnd: RoundInput, module: str) -> list[LoRAFactors]:
-        """The clients' factors of ``module``, zero-padded to the largest rank when ``pad``."""
+        """The clients' factors of ``module``, zero-padded to the largest rank when ranks differ.
+
+        ``aggregate`` has already rejected mixed ranks unless ``pad`` (or native support).
+        """
         fs = rnd.factors[module]
         r = rnd.max_rank(module)
         return pad_factors(fs, r) if any(f.rank != r for f in fs) else list(fs)
@@ -291,9 +315,3 @@ class Aggregator(ABC):
         if "A" not in named or "B" not in named:
             return None
         return LoRAFactors(A=named["A"], B=named["B"])
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``InvalidUpdate(message)`` unless ``condition``."""
-    if not condition:
-        raise InvalidUpdate(message)

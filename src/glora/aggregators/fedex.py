@@ -49,6 +49,6 @@ class FedExLoRA(Aggregator):
         state.info["base_delta_increments"] = log
         state.diagnostics = {
             "base_delta_rank": {m: f.rank for m, f in base.items()},
-            "increment_bytes": log[str((prev.round if prev is not None else 0) + 1)],
+            "increment_bytes": log[str(self.next_round(prev))],
         }
         return state

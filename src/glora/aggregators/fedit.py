@@ -15,7 +15,7 @@ __all__ = ["FedIT", "fedavg_factors"]
 
 
 def fedavg_factors(rnd: RoundInput, agg: Aggregator) -> dict[str, dict]:
-    """Per module ``{"A": Σ p_i A_i, "B": Σ p_i B̃_i}`` (padded to the largest rank if ``agg.pad``)."""
+    """Per module ``{"A": Σ p_i A_i, "B": Σ p_i B̃_i}``, zero-padded to the largest rank."""
     p = rnd.p()
     out = {}
     for m in rnd.modules:

@@ -18,25 +18,11 @@ from collections.abc import Mapping
 import torch
 
 from glora.aggregators.base import Aggregator
-from glora.linalg import factored_svd
+from glora.linalg import compress_exact
 from glora.types import LoRAFactors, ServerState
 from glora.validation import RoundInput
 
 __all__ = ["FLoRA", "accumulate_base_delta", "compress_exact"]
-
-
-def compress_exact(f: LoRAFactors) -> LoRAFactors:
-    """The same product ``B @ A`` (d×k) in at most ``min(d, k)`` components.
-
-    Thin SVD in factored form ``B @ A = U diag(σ) Vᵀ``; keeps the components with
-    ``σ > eps(dtype) · max(d, k) · σ_max`` and returns ``B = U diag(σ)`` (d×q), ``A = Vᵀ`` (q×k).
-    Exact up to rounding: only numerically zero singular values are dropped.
-    """
-    U, sig, V = factored_svd(f.B, f.A)
-    if sig.numel() == 0:
-        return LoRAFactors(A=f.A.new_zeros(0, f.k), B=f.B.new_zeros(f.d, 0))
-    keep = sig > torch.finfo(sig.dtype).eps * max(f.d, f.k) * sig[0]
-    return LoRAFactors(A=V[:, keep].mT.contiguous(), B=(U[:, keep] * sig[keep]).contiguous())
 
 
 def accumulate_base_delta(
@@ -73,7 +59,7 @@ def accumulate_base_delta(
     log: dict[str, int] = {}
     if prev is not None:
         log.update(prev.info.get("base_delta_increments", {}))
-    round_no = (prev.round if prev is not None else 0) + 1
+    round_no = Aggregator.next_round(prev)
     log[str(round_no)] = nbytes
     return base, log
 
@@ -111,6 +97,6 @@ class FLoRA(Aggregator):
         state.info["base_delta_increments"] = log
         state.diagnostics = {
             "base_delta_rank": {m: f.rank for m, f in base.items()},
-            "increment_bytes": log[str((prev.round if prev is not None else 0) + 1)],
+            "increment_bytes": log[str(self.next_round(prev))],
         }
         return state

@@ -49,7 +49,7 @@ class RoLoRA(Aggregator):
         return ClientPlan(train=x, upload=x)
 
     def _aggregate(self, rnd: RoundInput, prev: ServerState | None) -> ServerState:
-        t = (prev.round if prev is not None else 0) + 1
+        t = self.next_round(prev)
         x = self.trained_factor(t)
         frozen = "B" if x == "A" else "A"
         p = rnd.p()
