@@ -199,8 +199,8 @@ class Aggregator(ABC):
             raise UnsupportedRanks(
                 f"{self.name} is defined for one LoRA rank, but the clients have different "
                 f"ranks ({detail}). Give every client the same rank, use a method with native "
-                "mixed-rank support (glora, flexlora, hetlora, flora), or pass pad=True for "
-                "zero-padding.",
+                "mixed-rank support (glora, flexlora, hetlora, flora), or set the method option "
+                "pad to true for zero-padding (pad=True in Python, method.pad: true in a config).",
                 module=module,
             )
         prev = self._state
