@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from glora.cli import aggregate, bench, run
+from glora.cli import aggregate, bench, compare, flower, run
 
 app = typer.Typer(
     name="glora",
@@ -16,6 +16,8 @@ app = typer.Typer(
 run.register(app)
 aggregate.register(app)
 bench.register(app)
+compare.register(app)
+flower.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,137 @@
+"""The in-process federated LoRA simulator (``glora run``).
+
+Entry points:
+
+* :class:`~glora.sim.engine.Simulation`: the round loop on one frozen model (no files);
+* :func:`run_experiment`: a whole run in a run directory (lock, overwrite protection, config,
+  metrics, checkpoints, ``--resume``, final PEFT adapter);
+* :class:`~glora.sim.rundir.RunDir`: the run-directory layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from glora.config import RunConfig, validate_config
+from glora.sim.client import LossHook
+from glora.sim.engine import Simulation
+from glora.sim.rundir import RunDir, RunDirError
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "RunDir",
+    "RunDirError",
+    "RunResult",
+    "Simulation",
+    "resume_config",
+    "run_experiment",
+]
+
+#: Config keys that may differ between a run and its ``--resume`` (everything else must match).
+RESUMABLE_KEYS = (
+    "training.rounds",
+    "training.eval_every",
+    "training.checkpoint_every",
+    "training.device",
+    "training.num_threads",
+    "training.eval_batch_size",
+    "output.dir",
+)
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` returns: the run directory and all its round records."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    simulation: Simulation
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "options":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_config(run_dir: str | Path, new: RunConfig | None = None) -> RunConfig:
+    """The config to resume ``run_dir`` with: its saved config, or ``new`` when compatible.
+
+    ``new`` may change only :data:`RESUMABLE_KEYS` (e.g. more rounds); its output location is
+    set to ``run_dir``.
+    """
+    rd = RunDir(run_dir)
+    saved = validate_config(rd.read_config())
+    cfg = new or saved
+    cfg = cfg.model_copy(
+        update={
+            "name": rd.path.name,
+            "output": cfg.output.model_copy(update={"dir": str(rd.path.parent)}),
+        }
+    )
+    a, b = _flatten(saved.to_yaml_dict()), _flatten(cfg.to_yaml_dict())
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS)
+    diff = [k for k in diff if k != "name"]
+    if diff:
+        raise RunDirError(
+            f"cannot resume {str(rd.path)!r} with a different configuration ({', '.join(diff)} "
+            f"changed); only {', '.join(RESUMABLE_KEYS)} may change"
+        )
+    return cfg
+
+
+def run_experiment(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    progress: Progress | None = None,
+    loss_hook: LossHook | None = None,
+) -> RunResult:
+    """Run ``config`` in ``output.dir/<name>/`` (see :mod:`glora.sim.rundir` for the layout).
+
+    Args:
+        resume: continue from the latest complete checkpoint (``metrics.jsonl`` is truncated to
+            it); the result is bit-identical to an uninterrupted run.
+        overwrite: replace a run that is already in the directory.
+
+    Raises:
+        RunDirError: the directory is locked, holds a run (without ``resume``/``overwrite``) or
+            has no checkpoint to resume from.
+    """
+    rd = RunDir(config.run_dir)
+    with rd:
+        ckpt = None
+        if resume:
+            ckpt = rd.load_checkpoint()
+        elif rd.holds_run() and not overwrite:
+            raise RunDirError(
+                f"{str(rd.path)!r} already holds a run; pass --overwrite to replace it, "
+                "--resume to continue it, or choose another name"
+            )
+        # build everything (model, data) before touching the directory's contents
+        sim = Simulation(
+            config, run_dir=rd, console=console, progress=progress, loss_hook=loss_hook
+        )
+        if ckpt is not None:
+            rd.truncate_metrics(ckpt.round)
+        elif overwrite and rd.holds_run():
+            rd.clear()
+        rd.write_config(config.to_yaml_dict())
+        if ckpt is not None:
+            sim.restore(ckpt)
+            if console is not None:
+                console.print(f"resuming {rd.path} after round {ckpt.round}")
+        sim.run()
+        return RunResult(rd.path, rd.read_metrics(), sim)
