@@ -1,0 +1,1 @@
+"""Thin Flower app folder: the ServerApp and ClientApp come from the installed ``glora``."""
