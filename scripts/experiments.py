@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Resumable driver of the experiment grid (all-MiniLM-L6-v2 on GLUE; see ``docs/fidelity.md``).
+
+Grid: tasks {SST-2, QNLI, MRPC, RTE} × Dirichlet α {0.5, 0.1} × ranks {het = [2,4,8,16] cycled
+over the clients, hom = 8} × participation {1.0, 0.3} × seeds; 10 clients; every method that
+supports the setting (the others are listed as unsupported in the report, or run with
+zero-padding under ``--pad``) plus the centralized reference. Each setting is one
+``glora compare`` report under ``<results>/<setting>/`` (small files: tables, plot, report.md);
+the run directories (checkpoints, adapters) go under ``<runs>/<setting>/``. Re-running the same
+command skips finished runs and resumes interrupted ones.
+
+Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
+
+    python scripts/experiments.py grid --tasks sst2 --alphas 0.5 --ranks het --participation 0.3 \\
+        --seeds 0 --rounds 5 --local-steps 10 --max-train 2000 --max-eval 500
+    python scripts/experiments.py ablation --tasks sst2 --alphas 0.5 --ranks het \\
+        --participation 0.3 --seeds 0 --rounds 5 --local-steps 10 --max-train 2000
+    python scripts/experiments.py grid ... --dry-run          # list the runs, run nothing
+    python scripts/experiments.py dump-updates CONFIG --rounds 2 --out updates/  # for fidelity
+
+Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from glora import aggregators
+from glora.compare import MethodSpec, parse_methods, run_compare
+
+HET_RANKS = [2, 4, 8, 16]
+HOM_RANK = 8
+DEFAULT_DATA = "/work/shared/data/glue"
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def setting_name(task: str, alpha: float, ranks: str, participation: float) -> str:
+    """Directory name of one setting, e.g. ``sst2-a0.5-het-p0.3``."""
+    return f"{task}-a{alpha:g}-{ranks}-p{participation:g}"
+
+
+def base_config(args: argparse.Namespace, task: str, alpha: float, ranks: str, part: float) -> dict:
+    """The shared config of one setting (method and seed are set per run by compare)."""
+    data: dict[str, Any] = {"task": task, "dir": args.data_dir}
+    if args.max_train:
+        data["max_train_examples"] = args.max_train
+    if args.max_eval:
+        data["max_eval_examples"] = args.max_eval
+    return {
+        "name": setting_name(task, alpha, ranks, part),
+        "seed": 0,
+        "model": {"name": args.model},
+        "data": data,
+        "federation": {
+            "clients": args.clients,
+            "partition": "dirichlet",
+            "alpha": alpha,
+            "ranks": list(HET_RANKS) if ranks == "het" else HOM_RANK,
+            "participation": part,
+        },
+        "method": {"name": "glora"},
+        "training": {
+            "rounds": args.rounds,
+            "local_steps": args.local_steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "device": args.device,
+        },
+    }
+
+
+def method_specs(text: str) -> list[MethodSpec]:
+    """``all`` = every registered aggregator; otherwise a ``parse_methods`` string."""
+    if text == "all":
+        return [MethodSpec(n, n) for n in aggregators.available()]
+    return parse_methods(text)
+
+
+def ablation_specs(ranks: str, clients: int, modes: Sequence[str]) -> list[MethodSpec]:
+    """GLoRA with server rank R ∈ {max client rank, 2×, Σ ranks, auto}.
+
+    ``sum`` passes the sum of all client ranks; GLoRA caps R at the round's ``S = Σ r_i``, so it
+    is the exact setting for every round.
+    """
+    client_ranks = (
+        [HET_RANKS[i % len(HET_RANKS)] for i in range(clients)]
+        if ranks == "het"
+        else [HOM_RANK] * clients
+    )
+    r_max = max(client_ranks)
+    table = {
+        "max": ("glora (R=r_max)", None),
+        "2x": ("glora (R=2·r_max)", 2 * r_max),
+        "sum": ("glora (R=Σr)", sum(client_ranks)),
+        "auto": ("glora (R=auto)", "auto"),
+    }
+    out = []
+    for mode in modes:
+        if mode not in table:
+            raise SystemExit(f"unknown server-rank mode {mode!r}; choose from {', '.join(table)}")
+        label, value = table[mode]
+        out.append(MethodSpec(label, "glora", {} if value is None else {"server_rank": value}))
+    return out
+
+
+def run_grid(args: argparse.Namespace, ablation: bool) -> int:
+    """Run every setting of the grid through ``run_compare``; print and index the wall time."""
+    results = Path(args.results)
+    index_path = results / "index.json"
+    results.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    total = 0.0
+    for task in _strs(args.tasks):
+        for alpha in _floats(args.alphas):
+            for ranks in _strs(args.ranks):
+                if ranks not in ("het", "hom"):
+                    raise SystemExit(f"--ranks takes het and/or hom, got {ranks!r}")
+                for part in _floats(args.participation):
+                    name = setting_name(task, alpha, ranks, part)
+                    if ablation:
+                        name += "-ablation-R"
+                        specs = ablation_specs(ranks, args.clients, _strs(args.server_ranks))
+                        centralized = False
+                    else:
+                        specs = method_specs(args.methods)
+                        centralized = not args.no_centralized
+                    base = base_config(args, task, alpha, ranks, part)
+                    seeds = _ints(args.seeds)
+                    labels = [s.label for s in specs] + (["centralized"] if centralized else [])
+                    print(f"== {name}: {len(labels)} methods × seeds {seeds}: {', '.join(labels)}")
+                    if args.dry_run:
+                        continue
+                    t0 = time.perf_counter()
+                    outcomes = run_compare(
+                        base,
+                        specs,
+                        seeds,
+                        results / name,
+                        resume=True,
+                        pad=args.pad,
+                        centralized=centralized,
+                        runs_dir=Path(args.runs) / name,
+                    )
+                    wall = time.perf_counter() - t0
+                    total += wall
+                    run_wall = sum(o.wall_seconds for o in outcomes)
+                    done = sum(o.status == "done" for o in outcomes)
+                    index[name] = {
+                        "runs_done": done,
+                        "runs": len(outcomes),
+                        "wall_seconds_all_runs": round(run_wall, 1),
+                        "rounds": args.rounds,
+                        "local_steps": args.local_steps,
+                        "max_train": args.max_train,
+                        "max_eval": args.max_eval,
+                        "seeds": seeds,
+                    }
+                    print(
+                        f"== {name}: {done}/{len(outcomes)} runs done; this call {wall:.1f} s, "
+                        f"all runs {run_wall:.1f} s; report {results / name / 'report.md'}"
+                    )
+                    _write_index(results, index)
+    if not args.dry_run:
+        print(f"total wall time of this call: {total:.1f} s")
+    return 0
+
+
+def _write_index(results: Path, index: dict[str, Any]) -> None:
+    (results / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    lines = [
+        "# Experiment results",
+        "",
+        "| setting | runs done | wall s (all runs) | rounds × local steps "
+        "| max train / eval | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in sorted(index.items()):
+        lines.append(
+            f"| [{name}]({name}/report.md) | {e['runs_done']}/{e['runs']} "
+            f"| {e['wall_seconds_all_runs']} | {e['rounds']} × {e['local_steps']} "
+            f"| {e['max_train']} / {e['max_eval']} | {e['seeds']} |"
+        )
+    (results / "index.md").write_text("\n".join(lines) + "\n")
+
+
+def dump_updates(args: argparse.Namespace) -> int:
+    """Run one config with the simulator and save the given rounds' client updates."""
+    from glora.bench.fidelity import capture_updates
+    from glora.config import load_config
+    from glora.sim.engine import Simulation
+
+    cfg = load_config(args.config, args.set or [])
+    t0 = time.perf_counter()
+    sim = Simulation(cfg)
+    capture_updates(sim, args.out, _ints(args.rounds) if args.rounds else None)
+    last = max(_ints(args.rounds)) if args.rounds else cfg.training.rounds
+    for t in range(1, min(last, cfg.training.rounds) + 1):
+        sim.run_round(t)
+        sim.round = t
+    print(f"saved updates under {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _grid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="sst2,qnli,mrpc,rte")
+    p.add_argument("--alphas", default="0.5,0.1", help="Dirichlet α values")
+    p.add_argument("--ranks", default="het,hom", help="het = [2,4,8,16] cycled, hom = 8")
+    p.add_argument("--participation", default="1.0,0.3")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-eval", type=int, default=None)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data-dir", default=DEFAULT_DATA)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--results", default="docs/results", help="small report files")
+    p.add_argument("--runs", default="runs/experiments", help="run directories (large)")
+    p.add_argument("--pad", action="store_true", help="zero-pad same-rank methods on het ranks")
+    p.add_argument("--dry-run", action="store_true", help="list the settings, run nothing")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grid", help="the method comparison grid")
+    _grid_options(g)
+    g.add_argument("--methods", default="all", help="'all' or a compare --methods string")
+    g.add_argument("--no-centralized", action="store_true")
+    a = sub.add_parser("ablation", help="GLoRA server-rank ablation")
+    _grid_options(a)
+    a.add_argument("--server-ranks", default="max,2x,sum,auto")
+    d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
+    d.add_argument("config")
+    d.add_argument("--rounds", default="", help="rounds to save (default: all)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--set", action="append", help="config override dotted.key=value")
+    args = parser.parse_args(argv)
+    if args.command == "dump-updates":
+        return dump_updates(args)
+    return run_grid(args, ablation=args.command == "ablation")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""Compare aggregation methods on one federation: run a method × seed grid and write a report.
+
+Every run shares the base configuration; only ``method`` (name and options) and ``seed`` vary, so
+for one seed every method sees the same data splits, client ranks and client sampling. Runs go to
+``<out>/runs/<label>-seed<seed>/`` (standard run directories), the report to ``<out>/``:
+
+* ``table.csv`` / ``table.md``: final and best primary metric, mean ± std over seeds, per method;
+* ``cost.csv`` / ``cost.md``: bytes up/down per round and server seconds per round;
+* ``<metric>_vs_round.png``: one line per method (mean over seeds), band = ± one std;
+* ``status.json``: every run's status (done, unsupported with the reason, failed) and wall time;
+* ``report.md``: ties them together.
+
+The grid is resumable: a finished run is skipped, an interrupted one is resumed through the
+simulator's resume (``resume=True``). Methods that cannot run the setting (e.g. mixed ranks with a
+same-rank rule and no padding) are listed with the reason, not dropped.
+
+Python API: :func:`run_compare` (runs + report) and :func:`write_report` (report only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glora import aggregators
+from glora.config import (
+    CENTRALIZED,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    read_raw,
+    validate_config,
+)
+from glora.types import UnsupportedRanks
+
+__all__ = [
+    "MethodSpec",
+    "RunOutcome",
+    "Runner",
+    "default_runner",
+    "parse_methods",
+    "plan_config",
+    "run_compare",
+    "write_report",
+]
+
+#: ``runner(config, resume)`` runs (or resumes) one simulation to completion.
+Runner = Callable[[RunConfig, bool], Any]
+
+_PRIMARY_FALLBACK = ("accuracy", "matthews", "mcc", "pearson", "f1", "rougeL", "rouge_l")
+
+
+# ---------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the comparison: a label, the registry name and its options."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    padded: bool = False
+
+    @property
+    def slug(self) -> str:
+        """The label as a directory name."""
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.label).strip("_") or "method"
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside ``[...]``."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [x.strip() for x in out if x.strip()]
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """``"glora,fedit,glora[server_rank=32;energy=0.95]"`` → method specs.
+
+    Options go in brackets, ``;``-separated, values parsed as YAML. The label is the spec text.
+    """
+    out = []
+    for item in _split_top(text):
+        m = re.fullmatch(r"([A-Za-z0-9_-]+)(?:\[(.*)\])?", item)
+        if not m:
+            raise ValueError(f"bad method spec {item!r}; expected name or name[key=value;...]")
+        name, opts_text = m.group(1), m.group(2)
+        options: dict[str, Any] = {}
+        for kv in (opts_text or "").split(";"):
+            if not kv.strip():
+                continue
+            key, sep, value = kv.partition("=")
+            if not sep:
+                raise ValueError(f"bad option {kv!r} in {item!r}; expected key=value")
+            options[key.strip()] = _parse_value(value.strip())
+        out.append(MethodSpec(item, name, options))
+    labels = [s.label for s in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate methods in {text!r}")
+    return out
+
+
+def _same_rank_only(name: str) -> bool:
+    if name == CENTRALIZED:
+        return False
+    try:
+        return not aggregators.get_class(name).mixed_ranks
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------- configs
+def plan_config(
+    base: Mapping[str, Any],
+    spec: MethodSpec,
+    seed: int,
+    runs_dir: str | Path,
+) -> RunConfig:
+    """The validated config of one run: ``base`` with ``method``, ``seed``, name and output set.
+
+    The base config's method options are kept only for the same method name.
+
+    Raises:
+        ConfigError: the method cannot run this setting (the message says why).
+    """
+    raw = dict(base)
+    base_method = dict(raw.get("method") or {})
+    opts = {k: v for k, v in base_method.items() if k != "name"}
+    method = {"name": spec.name, **(opts if base_method.get("name") == spec.name else {})}
+    method.update(spec.options)
+    if spec.padded:
+        method["pad"] = True
+    raw["method"] = method
+    raw["seed"] = int(seed)
+    raw["name"] = f"{spec.slug}-seed{seed}"
+    raw["output"] = {**dict(raw.get("output") or {}), "dir": str(runs_dir)}
+    return validate_config(raw)
+
+
+def _with_pad(base: Mapping[str, Any], specs: Sequence[MethodSpec], seed: int) -> list[MethodSpec]:
+    """Same-rank methods get ``pad: true`` (labelled) when the clients' ranks differ."""
+    try:
+        probe = validate_config({**dict(base), "method": {"name": "glora"}, "seed": seed})
+        mixed = len(set(probe.federation.client_ranks(seed))) > 1
+    except ConfigError:
+        mixed = True
+    out = []
+    for s in specs:
+        if mixed and _same_rank_only(s.name) and not s.options.get("pad"):
+            out.append(MethodSpec(f"{s.label} (zero-pad)", s.name, dict(s.options), padded=True))
+        else:
+            out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------- running
+def default_runner(config: RunConfig, resume: bool) -> Any:
+    """Run (or resume) one simulation with the in-process simulator, in ``config.run_dir``.
+
+    Resume loads the latest complete checkpoint and drops the metrics of later rounds; a run
+    directory without a checkpoint is started over.
+    """
+    from glora.sim.engine import Simulation
+    from glora.sim.rundir import RunDir
+
+    with RunDir(config.run_dir) as rd:
+        sim = Simulation(config, run_dir=rd)
+        if resume and rd.checkpoint_rounds():
+            ckpt = rd.load_checkpoint()
+            sim.restore(ckpt)
+            rd.truncate_metrics(ckpt.round)
+        elif rd.holds_run():
+            rd.clear()
+        if not rd.config_path.exists():
+            rd.write_config(config.to_yaml_dict())
+        return sim.run()
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one method × seed run."""
+
+    label: str
+    method: str
+    seed: int
+    status: str  # done | unsupported | failed | pending
+    reason: str = ""
+    run_dir: str = ""
+    wall_seconds: float = 0.0
+    padded: bool = False
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def _finished(run_dir: Path, rounds: int) -> bool:
+    recs = _read_metrics(run_dir)
+    return bool(recs) and max(int(r.get("round", 0)) for r in recs) >= rounds
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return any((run_dir / p).exists() for p in ("config.yaml", "metrics.jsonl", "checkpoints"))
+
+
+def _load_status(out: Path) -> dict[str, dict[str, Any]]:
+    p = out / "status.json"
+    if p.is_file():
+        return {r["key"]: r for r in json.loads(p.read_text()).get("runs", [])}
+    return {}
+
+
+def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, Any]) -> None:
+    runs = [{"key": f"{o.label}|{o.seed}", **asdict(o)} for o in outcomes]
+    tmp = out / "status.json.tmp"
+    tmp.write_text(json.dumps({**meta, "runs": runs}, indent=2) + "\n")
+    tmp.replace(out / "status.json")
+
+
+def run_compare(
+    config: str | Path | Mapping[str, Any],
+    methods: Sequence[MethodSpec] | str,
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    pad: bool = False,
+    centralized: bool = False,
+    overrides: Sequence[str] = (),
+    runner: Runner | None = None,
+    metric: str | None = None,
+    log: Callable[[str], None] | None = print,
+    runs_dir: str | Path | None = None,
+) -> list[RunOutcome]:
+    """Run every method × seed (skipping finished runs with ``resume``) and write the report.
+
+    Args:
+        config: the base config (a YAML path or a raw mapping); ``overrides`` are ``--set`` items.
+        methods: specs or a ``parse_methods`` string.
+        seeds: run seeds (the federation's splits and sampling follow the seed).
+        out: report directory (runs under ``out/runs``).
+        resume: skip finished runs and resume interrupted ones (otherwise a run directory that
+            already holds a run is an error).
+        pad: run same-rank methods with ``pad: true`` when the client ranks differ.
+        centralized: add the centralized reference (``method.name: centralized``).
+        runner: ``runner(config, resume)`` (default: the simulator).
+        metric: the primary metric (default: from the records or the task).
+        runs_dir: where the run directories go (default ``out/runs``; large: checkpoints).
+    """
+    base = read_raw(config) if isinstance(config, (str, Path)) else dict(config)
+    base = apply_overrides(base, overrides)
+    specs = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    if centralized and not any(s.name == CENTRALIZED for s in specs):
+        specs.append(MethodSpec(CENTRALIZED, CENTRALIZED))
+    if pad:
+        specs = _with_pad(base, specs, seeds[0] if seeds else 0)
+    out = Path(out)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = runner or default_runner
+    say = log or (lambda _m: None)
+    previous = _load_status(out) if resume else {}
+    outcomes: list[RunOutcome] = []
+    meta = {"base_config": base, "methods": [asdict(s) for s in specs], "seeds": list(seeds)}
+    for seed in seeds:
+        for spec in specs:
+            o = RunOutcome(spec.label, spec.name, int(seed), "pending", padded=spec.padded)
+            outcomes.append(o)
+            try:
+                cfg = plan_config(base, spec, seed, runs_dir)
+            except (ConfigError, UnsupportedRanks) as exc:
+                o.status, o.reason = "unsupported", str(exc)
+                say(f"[{spec.label} seed {seed}] unsupported: {exc}")
+                continue
+            run_dir = cfg.run_dir
+            o.run_dir = (
+                str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
+            )
+            prev = previous.get(f"{spec.label}|{seed}", {})
+            if _finished(run_dir, cfg.training.rounds):
+                if not resume:
+                    raise FileExistsError(
+                        f"{run_dir} already holds a finished run; pass resume=True (--resume) "
+                        "to reuse it, or choose another output directory"
+                    )
+                o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
+                say(f"[{spec.label} seed {seed}] finished earlier: skipped")
+                continue
+            again = _holds_run(run_dir)
+            if again and not resume:
+                raise FileExistsError(
+                    f"{run_dir} holds an unfinished run; pass resume=True (--resume) to resume it"
+                )
+            say(f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}")
+            t0 = time.perf_counter()
+            try:
+                runner(cfg, again)
+            except (ConfigError, UnsupportedRanks) as exc:
+                o.status, o.reason = "unsupported", str(exc)
+            except Exception as exc:  # one failed run must not lose the grid
+                o.status, o.reason = "failed", f"{type(exc).__name__}: {exc}"
+            else:
+                ok = _finished(run_dir, cfg.training.rounds)
+                o.status = "done" if ok else "failed"
+                if not ok:
+                    o.reason = "the run ended before its last round"
+            o.wall_seconds = float(prev.get("wall_seconds", 0.0)) + time.perf_counter() - t0
+            if o.status != "done":
+                say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
+            _save_status(out, outcomes, meta)
+    _save_status(out, outcomes, meta)
+    write_report(out, outcomes, base=base, metric=metric)
+    return outcomes
+
+
+# ---------------------------------------------------------------------------- report
+def _primary_metric(records: Sequence[Mapping[str, Any]], base: Mapping[str, Any]) -> str | None:
+    for r in records:
+        if isinstance(r.get("primary_metric"), str):
+            return r["primary_metric"]
+    try:
+        from glora.tasks import build_task
+
+        cfg = validate_config({**dict(base), "method": {"name": "glora"}})
+        return build_task(cfg).primary_metric()
+    except Exception:
+        pass
+    keys: list[str] = []
+    for r in records:
+        for k, v in (r.get("metrics") or {}).items():
+            if isinstance(v, (int, float)) and k not in keys:
+                keys.append(k)
+    for k in _PRIMARY_FALLBACK:
+        if k in keys:
+            return k
+    rest = [k for k in keys if "loss" not in k]
+    return rest[0] if rest else (keys[0] if keys else None)
+
+
+def _higher_is_better(metric: str) -> bool:
+    return "loss" not in metric and "error" not in metric and "perplexity" not in metric
+
+
+def _series(records: Sequence[Mapping[str, Any]], metric: str) -> dict[int, float]:
+    out = {}
+    for r in records:
+        v = (r.get("metrics") or {}).get(metric)
+        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+            out[int(r["round"])] = float(v)
+    return out
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _avg(records: Sequence[Mapping[str, Any]], key: str) -> float:
+    vals = [float(r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _pm(m: float, s: float, digits: int = 4) -> str:
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _num(x: float, fmt: str = ".4g") -> str:
+    return "–" if math.isnan(x) else format(x, fmt)
+
+
+def write_report(
+    out: str | Path,
+    outcomes: Sequence[RunOutcome] | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+    metric: str | None = None,
+) -> Path:
+    """Write the report files of a comparison directory (from ``status.json`` when no outcomes)."""
+    out = Path(out)
+    status = (
+        json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
+    )
+    if outcomes is None:
+        outcomes = [
+            RunOutcome(**{k: v for k, v in r.items() if k != "key"}) for r in status.get("runs", [])
+        ]
+    base = dict(base if base is not None else status.get("base_config", {}))
+    labels = list(dict.fromkeys(o.label for o in outcomes))
+    records = {
+        (o.label, o.seed): _read_metrics(out / o.run_dir) if o.status == "done" else []
+        for o in outcomes
+    }
+    all_recs = [r for recs in records.values() for r in recs]
+    metric = metric or _primary_metric(all_recs, base) or "accuracy"
+    better = max if _higher_is_better(metric) else min
+
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[int, list[float]]] = {}
+    for label in labels:
+        runs = [o for o in outcomes if o.label == label]
+        done = [o for o in runs if o.status == "done"]
+        finals, bests, up, down, srv, wall = [], [], [], [], [], []
+        for o in done:
+            recs = records[(o.label, o.seed)]
+            s = _series(recs, metric)
+            if s:
+                finals.append(s[max(s)])
+                bests.append(better(s.values()))
+                for rnd, v in s.items():
+                    curves.setdefault(label, {}).setdefault(rnd, []).append(v)
+            up.append(_avg(recs, "bytes_up"))
+            down.append(_avg(recs, "bytes_down"))
+            srv.append(_avg(recs, "server_seconds"))
+            wall.append(o.wall_seconds)
+        reasons = sorted(
+            {o.reason.splitlines()[0] for o in runs if o.status != "done" and o.reason}
+        )
+        states = sorted({o.status for o in runs})
+        fm, fs = _mean_std(finals)
+        bm, bs = _mean_std(bests)
+        rows.append(
+            {
+                "method": label,
+                "name": runs[0].method,
+                "zero_padding": runs[0].padded,
+                "status": "/".join(states),
+                "seeds_done": len(done),
+                "seeds": len(runs),
+                "final_mean": fm,
+                "final_std": fs,
+                "best_mean": bm,
+                "best_std": bs,
+                "bytes_up_per_round": _mean_std([x for x in up if not math.isnan(x)])[0],
+                "bytes_down_per_round": _mean_std([x for x in down if not math.isnan(x)])[0],
+                "server_seconds_per_round": _mean_std([x for x in srv if not math.isnan(x)])[0],
+                "wall_seconds": sum(wall),
+                "reason": "; ".join(reasons),
+            }
+        )
+
+    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
+        w.writeheader()
+        w.writerows(rows)
+    table_md = [
+        f"| method | seeds | final {metric} (mean ± std) | best {metric} (mean ± std) | status |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        st = r["status"] if r["status"] == "done" else f"{r['status']}: {r['reason']}"
+        label = r["method"] + (" ¹" if r["zero_padding"] else "")
+        table_md.append(
+            f"| {label} | {r['seeds_done']}/{r['seeds']} | {_pm(r['final_mean'], r['final_std'])} "
+            f"| {_pm(r['best_mean'], r['best_std'])} | {st} |"
+        )
+    if any(r["zero_padding"] for r in rows):
+        table_md += [
+            "",
+            "¹ same-rank method run with zero-padding (`method.pad: true`, our extension).",
+        ]
+    (out / "table.md").write_text("\n".join(table_md) + "\n", encoding="utf-8")
+
+    cost_fields = [
+        "method",
+        "bytes_up_per_round",
+        "bytes_down_per_round",
+        "server_seconds_per_round",
+        "wall_seconds",
+    ]
+    with open(out / "cost.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cost_fields)
+        w.writeheader()
+        w.writerows([{k: r[k] for k in cost_fields} for r in rows])
+    cost_md = [
+        "| method | bytes up / round | bytes down / round | server s / round "
+        "| wall s (all seeds) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cost_md.append(
+            f"| {r['method']} | {_num(r['bytes_up_per_round'], '.4g')} "
+            f"| {_num(r['bytes_down_per_round'], '.4g')} "
+            f"| {_num(r['server_seconds_per_round'], '.3g')} | {r['wall_seconds']:.1f} |"
+        )
+    (out / "cost.md").write_text("\n".join(cost_md) + "\n", encoding="utf-8")
+
+    plot = out / f"{re.sub(r'[^A-Za-z0-9_]+', '_', metric)}_vs_round.png"
+    _plot(curves, metric, plot)
+
+    fed = base.get("federation") or {}
+    data = base.get("data") or {}
+    tr = base.get("training") or {}
+    seeds = sorted({o.seed for o in outcomes})
+    alpha = f" (α = {fed['alpha']})" if "alpha" in fed else ""
+    direction = "higher" if _higher_is_better(metric) else "lower"
+    lines = [
+        "# Method comparison",
+        "",
+        f"Task `{data.get('task', '?')}`, model `{(base.get('model') or {}).get('name', '?')}`, "
+        f"{fed.get('clients', '?')} clients, partition `{fed.get('partition', '?')}`{alpha}, "
+        f"ranks `{fed.get('ranks', '?')}`, participation "
+        f"{fed.get('participation', '?')}, {tr.get('rounds', '?')} rounds × "
+        f"{tr.get('local_steps', '?')} local steps; seeds {seeds}. Only the method and the seed "
+        "vary between runs (same splits, ranks and client sampling for one seed).",
+        "",
+        f"## Primary metric: `{metric}` ({direction} is better)",
+        "",
+        "Final = the last evaluated round; best = the best evaluated round; "
+        "mean ± std (sample std) over the finished seeds.",
+        "",
+        *table_md,
+        "",
+        f"![{metric} vs round]({plot.name})",
+        "",
+        "## Communication and server cost (mean per round)",
+        "",
+        *cost_md,
+        "",
+    ]
+    not_run = [r for r in rows if r["seeds_done"] < r["seeds"]]
+    if not_run:
+        lines += ["## Methods that did not run (or not on every seed)", ""]
+        for r in not_run:
+            lines.append(
+                f"* **{r['method']}** ({r['status']}): {r['reason'] or 'no reason recorded'}"
+            )
+        lines.append("")
+    lines += [
+        "## Files",
+        "",
+        "`table.csv`/`table.md` (metric table), `cost.csv`/`cost.md` (cost), "
+        f"`{plot.name}` (curves), `status.json` (every run), "
+        "`runs/<method>-seed<seed>/` (run dirs).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    return out / "report.md"
+
+
+def _plot(curves: Mapping[str, Mapping[int, Sequence[float]]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, by_round in curves.items():
+        xs = sorted(by_round)
+        stats = [_mean_std(by_round[x]) for x in xs]
+        mean = [m for m, _ in stats]
+        std = [s for _, s in stats]
+        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs round (mean ± std over seeds)")
+    if curves:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

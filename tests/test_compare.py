@@ -1,0 +1,132 @@
+"""`glora compare` on the tiny model: report files, unsupported settings, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from glora.compare import MethodSpec, parse_methods, run_compare, write_report
+
+DATA = Path("/work/shared/data/glue")
+if not DATA.is_dir():  # the repository's shared data next to the checkout
+    DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+BASE = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"name": "tiny-bert", "max_length": 32},
+    "data": {"task": "sst2", "dir": str(DATA), "max_train_examples": 48, "max_eval_examples": 24},
+    "federation": {"clients": 2, "partition": "iid", "ranks": [2, 4], "participation": 1.0},
+    "method": {"name": "glora"},
+    "training": {"rounds": 2, "local_steps": 1, "batch_size": 8, "device": "cpu", "num_threads": 1},
+}
+
+needs_data = pytest.mark.skipif(not (DATA / "SST-2").is_dir(), reason="GLUE SST-2 data not found")
+
+
+def test_parse_methods_with_options():
+    specs = parse_methods("glora,fedit,glora[server_rank=32;energy=0.95]")
+    assert [s.name for s in specs] == ["glora", "fedit", "glora"]
+    assert specs[2].options == {"server_rank": 32, "energy": 0.95}
+    assert specs[2].slug.startswith("glora")
+    with pytest.raises(ValueError):
+        parse_methods("glora,glora")
+
+
+@needs_data
+def test_compare_tiny_report_and_resume(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(BASE))
+    out = tmp_path / "report"
+    outcomes = run_compare(cfg, "glora,fedit", [0, 1], out, log=None)
+    status = {(o.label, o.seed): o.status for o in outcomes}
+    assert status == {
+        ("glora", 0): "done",
+        ("glora", 1): "done",
+        ("fedit", 0): "unsupported",
+        ("fedit", 1): "unsupported",
+    }
+    for name in ("table.csv", "table.md", "cost.csv", "cost.md", "report.md", "status.json"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_vs_round.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "glora" in report and "fedit" in report and "one LoRA rank" in report
+    assert " ± " in (out / "table.md").read_text()
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").read_text().splitlines())}
+    assert rows["glora"]["seeds_done"] == "2" and rows["fedit"]["status"] == "unsupported"
+    assert float(rows["glora"]["bytes_up_per_round"]) > 0
+
+    # a finished grid without --resume is refused; with it, finished runs are skipped
+    with pytest.raises(FileExistsError):
+        run_compare(cfg, "glora", [0], out, log=None)
+    calls: list[tuple[str, bool]] = []
+
+    def spy(config, resume):
+        calls.append((config.name, resume))
+        from glora.compare import default_runner
+
+        return default_runner(config, resume)
+
+    # interrupt glora seed 1 after round 1: drop round 2 from its log and checkpoints
+    run1 = out / "runs" / "glora-seed1"
+    lines = (run1 / "metrics.jsonl").read_text().splitlines()
+    (run1 / "metrics.jsonl").write_text(lines[0] + "\n")
+    shutil.rmtree(run1 / "checkpoints" / "round_0002")
+    logs: list[str] = []
+    outcomes = run_compare(
+        cfg, "glora,fedit", [0, 1], out, resume=True, pad=True, runner=spy, log=logs.append
+    )
+    # glora seed 0 skipped, seed 1 resumed; fedit now runs with zero-padding
+    assert ("glora-seed1", True) in calls and all(n != "glora-seed0" for n, _ in calls)
+    assert ("fedit_zero-pad-seed0", False) in calls
+    assert all(o.status == "done" for o in outcomes)
+    recs = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2]
+    table = (out / "table.md").read_text()
+    assert "fedit (zero-pad)" in table and "zero-padding" in table
+    write_report(out)  # report-only rewrite from status.json
+    assert "fedit (zero-pad)" in (out / "report.md").read_text()
+
+
+@needs_data
+def test_cli_compare_lists_unsupported(tmp_path):
+    import typer
+
+    from glora.cli.compare import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:  # keep `compare` as a named sub-command
+        pass
+
+    cfg = tmp_path / "tiny.yaml"
+    base = dict(BASE, training={**BASE["training"], "rounds": 1})
+    cfg.write_text(yaml.safe_dump(base))
+    res = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(cfg),
+            "--methods",
+            "fedit,ffa",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "0/2 runs done" in res.output
+    assert "unsupported" in (tmp_path / "o" / "table.md").read_text()
+
+
+def test_method_spec_label():
+    assert MethodSpec("fedit (zero-pad)", "fedit", padded=True).slug == "fedit_zero-pad"
