@@ -135,7 +135,7 @@ def test_consensus_eigenvalues_in_unit_interval():
         [torch.linalg.qr(u.factors[m].B).Q * p[i].sqrt() for i, u in enumerate(ups)],
         dim=1,
     )
-    _, lam = agg._consensus(M.unsqueeze(0))
+    lam, _, _ = agg._consensus(M.unsqueeze(0))
     assert float(lam.min()) >= -1e-12 and float(lam.max()) <= 1 + 1e-12
     assert float(lam.sum()) == pytest.approx(
         float(sum(p[i] * u.factors[m].rank for i, u in enumerate(ups)))

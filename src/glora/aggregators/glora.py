@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from glora.aggregators.base import Aggregator, fill_to_rank
-from glora.linalg import factored_svd, weighted_product_fro_norm_sq
+from glora.linalg import factored_svd
 from glora.types import LoRAFactors, ServerState
 from glora.validation import RoundInput
 
@@ -48,8 +49,9 @@ class GLoRA(Aggregator):
         basis: ``"qr"`` (thin QR of ``B̃_i``) or ``"svd"`` (thresholded factored SVD of
             ``B̃_i A_i``: robust to rank-deficient clients).
         basis_tol: relative singular-value threshold of ``basis="svd"``.
-        consensus: ``"svd"`` (thin SVD of the ``d×S`` stack) or ``"gram"`` (eigendecomposition of
-            its ``S×S`` Gram matrix in float64; faster, squares the condition number).
+        consensus: ``"gram"`` (default: eigendecomposition of the ``S×S`` Gram matrix of the
+            ``d×S`` stack, top-``R`` vectors formed only; measured about 1.7× faster) or
+            ``"svd"`` (thin SVD of the stack). Same subspace (tests check both to 1e-10).
         split: singular values in the readout: ``"sqrt"`` (``Σ^{1/2}`` on both factors) or ``"B"``
             (all of ``Σ`` in ``B``, FlexLoRA's convention).
         diagnostics: compute the projection error ``‖ΔW* − ΔW_srv‖_F`` (costs ``O((d+k) S²)``).
@@ -67,7 +69,7 @@ class GLoRA(Aggregator):
         two_sided: bool = False,
         basis: Literal["qr", "svd"] = "qr",
         basis_tol: float = 1e-6,
-        consensus: Literal["svd", "gram"] = "svd",
+        consensus: Literal["svd", "gram"] = "gram",
         split: Literal["sqrt", "B"] = "sqrt",
         diagnostics: bool = True,
         chunk_size: int = 16,
@@ -119,19 +121,33 @@ class GLoRA(Aggregator):
         keep = (s > self.basis_tol * smax) & (smax > 0)
         return U * keep.unsqueeze(-2).to(U.dtype)
 
-    def _consensus(self, M: Tensor) -> tuple[Tensor, Tensor]:
-        """Left singular vectors of M (m, d, S) and eigenvalues of K = M Mᵀ, descending."""
+    def _consensus(self, M: Tensor) -> tuple[Tensor, Callable[[int], Tensor], Tensor]:
+        """Eigenvalues of ``K = M Mᵀ`` for the stack ``M`` (m, d, S), never forming ``K``.
+
+        Returns ``(lam, top, G)``: the eigenvalues (m, q) in descending order, ``q = min(d, S)``;
+        ``top(R)`` = the top-``R`` eigenvectors of ``K`` (m, d, R), i.e. the first ``R`` left
+        singular vectors of ``M``; and the Gram matrix ``G = MᵀM`` (m, S, S).
+        ``consensus="svd"``: thin SVD of ``M``. ``"gram"``: eigendecomposition of ``G`` (in the
+        input dtype: its eigenvalues are those of ``K``, in [0, 1], so squaring the condition
+        number of ``M`` costs nothing for the top eigenvectors) and ``U_R = M V_R Λ_R^{-1/2}``,
+        formed for the ``R`` columns needed only.
+        """
         if self.consensus == "svd":
-            U, sig, _ = torch.linalg.svd(M, full_matrices=False)
-            return U, sig * sig
-        G = (M.mT @ M).to(torch.float64)
-        lam, V = torch.linalg.eigh(G)  # ascending
-        lam, V = lam.flip(-1), V.flip(-1)
+            U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
+            lam = sig * sig
+            return lam, lambda R: U[..., :R], (Vh.mT * lam.unsqueeze(-2)) @ Vh
+        G = M.mT @ M
+        lam, V = torch.linalg.eigh(G)  # ascending; K's eigenvalues lie in [0, 1]
         q = min(M.shape[-2], M.shape[-1])
-        lam, V = lam[..., :q].clamp_min(0), V[..., :q]
-        inv = torch.where(lam > lam[..., :1] * 1e-12, lam.rsqrt(), torch.zeros_like(lam))
-        U = M @ (V * inv.unsqueeze(-2)).to(M.dtype)
-        return U, lam.to(M.dtype)
+        lam, V = lam.flip(-1)[..., :q].clamp_min(0), V.flip(-1)[..., :q]
+        floor = lam[..., :1] * (M.shape[-1] * torch.finfo(M.dtype).eps)
+
+        def top(R: int) -> Tensor:
+            lr = lam[..., :R]
+            inv = torch.where(lr > floor, lr.rsqrt(), torch.zeros_like(lr))
+            return M @ (V[..., :R] * inv.unsqueeze(-2)).to(M.dtype)
+
+        return lam, top, G
 
     def _choose_rank(self, lam: Tensor, r_max: int, S: int) -> int:
         """Requested server rank of one module from its consensus eigenvalues ``lam`` (descending).
@@ -163,37 +179,43 @@ class GLoRA(Aggregator):
         spectra: dict[str, list[float]] = {}
         err2_total = 0.0
         norm2_total = 0.0
-        for (_, ranks), names in groups.items():
+        for ((d, k), ranks), names in groups.items():
             S = sum(ranks)
             r_max = max(ranks)
-            pw = torch.cat([p[i].expand(r) for i, r in enumerate(ranks)])  # (S,)
+            offsets = [sum(ranks[:i]) for i in range(len(ranks))]
+            pw = torch.cat([p[i].expand(r) for i, r in enumerate(ranks)])  # (S,): p_i per column
             for start in range(0, len(names), self.chunk_size):
                 chunk = names[start : start + self.chunk_size]
-                Bs = [torch.stack([rnd.factors[m][i].B for m in chunk]) for i in range(rnd.n)]
-                As = [torch.stack([rnd.factors[m][i].A for m in chunk]) for i in range(rnd.n)]
-                M = torch.cat(
-                    [
-                        self._client_basis(B, A) * p[i].sqrt()
-                        for i, (B, A) in enumerate(zip(Bs, As))
-                    ],
-                    -1,
-                )
-                U_all, lam = self._consensus(M)
-                del M
-                req = [self._choose_rank(lam[j], r_max, S) for j in range(len(chunk))]
-                Rs = [min(R, U_all.shape[-1]) for R in req]  # output side: at most min(d, S)
+                c = len(chunk)
+                # the clients' factors side by side, one copy: B_st (c, d, S), A_st (c, S, k)
+                Bst = torch.empty(c, d, S, dtype=rnd.dtype)
+                Ast = torch.empty(c, S, k, dtype=rnd.dtype)
+                for j, m in enumerate(chunk):
+                    torch.cat([f.B for f in rnd.factors[m]], dim=1, out=Bst[j])
+                    torch.cat([f.A for f in rnd.factors[m]], dim=0, out=Ast[j])
+                cols = [slice(o, o + r) for o, r in zip(offsets, ranks)]
+                # client bases, weighted by √p_i, side by side: M (c, d, S)
+                M = torch.zeros(c, d, S, dtype=rnd.dtype)
+                tri: list[Tensor] = []  # B̃_i = Q_i T_i (QR basis), for the diagnostic
+                for i, sl in enumerate(cols):
+                    if self.basis == "qr":
+                        Q, T_i = torch.linalg.qr(Bst[..., sl], mode="reduced")
+                        tri.append(T_i)
+                    else:
+                        Q = self._client_basis(Bst[..., sl], Ast[:, sl])
+                    M[..., sl.start : sl.start + Q.shape[-1]] = Q * p[i].sqrt()
+                lam, top, G = self._consensus(M)
+                req = [self._choose_rank(lam[j], r_max, S) for j in range(c)]
+                Rs = [min(R, lam.shape[-1]) for R in req]  # output side: at most min(d, S)
                 Rb = max(Rs)
-                U_ref = U_all[..., :Rb].contiguous()
-                del U_all
-                Bst = torch.cat(Bs, -1)  # (m, d, S)
-                Ast = torch.cat(As, -2)  # (m, S, k)
-                T = (U_ref.mT @ Bst) * pw  # (m, R, S): p_i U_refᵀ B̃_i, side by side
-                del Bst
+                U_ref = top(Rb).contiguous()
+                del M
+                T = (U_ref.mT @ Bst) * pw  # (c, R, S): p_i U_refᵀ B̃_i, side by side
                 if self.two_sided:
                     N = torch.cat(
                         [
-                            torch.linalg.qr(A.mT, mode="reduced").Q * p[i].sqrt()
-                            for i, A in enumerate(As)
+                            torch.linalg.qr(Ast[:, sl].mT, mode="reduced").Q * p[i].sqrt()
+                            for i, sl in enumerate(cols)
                         ],
                         -1,
                     )
@@ -201,12 +223,24 @@ class GLoRA(Aggregator):
                     Rvs = [min(R, V_all.shape[-1]) for R in req]
                     V_ref = V_all[..., : max(Rvs)].contiguous()
                     del N, V_all
-                    core = T @ (Ast @ V_ref)  # Z: (m, R, R)
+                    core = T @ (Ast @ V_ref)  # Z: (c, R, R)
                 else:
                     V_ref = None
-                    core = T @ Ast  # C: (m, R, k)
+                    core = T @ Ast  # C: (c, R, k)
                 if self.diagnostics:
-                    total = weighted_product_fro_norm_sq(Bs, As, p)  # (m,)
+                    # ‖ΔW*‖² = tr(W_B · A_st A_stᵀ), W_B = (B_st P)ᵀ(B_st P); with the QR basis
+                    # B_st P = M E, E = blockdiag(√p_i T_i), so W_B = Eᵀ G E from S×S blocks.
+                    if tri and all(t.shape[-2] == t.shape[-1] for t in tri):
+                        E = torch.zeros(c, S, S, dtype=rnd.dtype)
+                        for i, sl in enumerate(cols):
+                            E[:, sl, sl] = tri[i] * p[i].sqrt()
+                        W_B = E.mT @ G @ E
+                    else:
+                        Bw = Bst * pw
+                        W_B = Bw.mT @ Bw
+                    total = (W_B * (Ast @ Ast.mT)).sum(dim=(-2, -1))  # (c,)
+                del Bst, Ast
+                svals = torch.linalg.svdvals(core)  # (c, q): spectrum of C (or Z), all modules
                 for j, m in enumerate(chunk):
                     R = Rs[j]
                     named = {"U_ref": U_ref[j, :, :R].clone()}
@@ -217,10 +251,13 @@ class GLoRA(Aggregator):
                         named["Z"] = core[j, :R, : Rvs[j]].clone()
                     state.tensors[m] = named
                     ranks_used[m] = R
-                    c = named["C"] if V_ref is None else named["Z"]
-                    spectra[m] = [float(x) for x in torch.linalg.svdvals(c)]
+                    cj = named["C"] if V_ref is None else named["Z"]
+                    if Rb == R and (V_ref is None or Rvs[j] == V_ref.shape[-1]):
+                        spectra[m] = svals[j].tolist()
+                    else:  # this module keeps fewer rows than the batch: its own spectrum
+                        spectra[m] = torch.linalg.svdvals(cj).tolist()
                     if self.diagnostics:
-                        kept = float((c * c).sum())
+                        kept = float((cj * cj).sum())
                         tot = float(total[j])
                         err2_total += max(tot - kept, 0.0)
                         norm2_total += tot
