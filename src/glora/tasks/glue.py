@@ -110,6 +110,7 @@ class GlueTask(Task):
             BertConfig,
             BertForSequenceClassification,
         )
+        from transformers.utils import logging as hf_logging
 
         name = self.config.model.name
         try:
@@ -129,7 +130,15 @@ class GlueTask(Task):
                     model = BertForSequenceClassification(cfg)
                 else:
                     cfg = AutoConfig.from_pretrained(source, **extra)
-                    model = AutoModelForSequenceClassification.from_pretrained(source, config=cfg)
+                    # the new classification head is reported as "missing": expected, not news
+                    verbosity = hf_logging.get_verbosity()
+                    hf_logging.set_verbosity_error()
+                    try:
+                        model = AutoModelForSequenceClassification.from_pretrained(
+                            source, config=cfg
+                        )
+                    finally:
+                        hf_logging.set_verbosity(verbosity)
         except OSError as exc:
             raise TaskError(
                 f"model.name {name!r}: cannot load it offline ({exc}). Fix: use minilm, "
