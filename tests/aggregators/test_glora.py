@@ -47,7 +47,9 @@ def test_fedit_is_not_gauge_invariant():
 def test_exact_when_server_rank_covers_clients(two_sided, basis):
     """Prop. 1: R ≥ Σ r_i reproduces the exact weighted average."""
     ups = random_updates(RANKS)
-    agg = aggregators.build("glora", server_rank=sum(RANKS), two_sided=two_sided, basis=basis)
+    agg = aggregators.build(
+        "glora", server_rank=sum(RANKS), two_sided=two_sided, basis=basis, diagnostics=True
+    )
     got = _full(agg, ups)
     exact = oracle(ups)
     for m in exact:
@@ -62,10 +64,15 @@ def test_server_rank_above_sum_is_capped():
     assert set(state.info["server_rank"].values()) == {5}
 
 
+def test_projection_error_is_opt_in():
+    state = aggregators.build("glora").aggregate(random_updates(RANKS))
+    assert "proj_error_rel" not in state.diagnostics
+
+
 def test_projection_error_diagnostic_matches_dense():
     """‖ΔW* − U_ref C‖² = ‖ΔW*‖² − ‖C‖² (Pythagoras), aggregated over modules."""
     ups = random_updates(RANKS)
-    agg = aggregators.build("glora", server_rank=6)
+    agg = aggregators.build("glora", server_rank=6, diagnostics=True)
     got = _full(agg, ups)
     exact = oracle(ups)
     err2 = sum(float((got[m] - exact[m]).norm() ** 2) for m in exact)
