@@ -55,8 +55,8 @@ class GLoRA(Aggregator):
         split: singular values in the readout: ``"sqrt"`` (``Σ^{1/2}`` on both factors) or ``"B"``
             (all of ``Σ`` in ``B``, FlexLoRA's convention).
         diagnostics: also compute the relative projection error ``‖ΔW* − ΔW_srv‖_F / ‖ΔW*‖_F``
-            (``diagnostics["proj_error_rel"]``); costs a ``k·S²`` Gram per module, about +25 % server
-            time at the 7B-like benchmark shape, so it is off by default.
+            (``diagnostics["proj_error_rel"]``); costs a ``k·S²`` Gram per module, about +25 %
+            server time at the 7B-like benchmark shape, so it is off by default.
         chunk_size: modules processed per batch (bounds the extra memory).
     """
 
