@@ -10,7 +10,6 @@ CONFIG ?= configs/quickstart.yaml
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel of exactly this version is in pip's find-links here.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,flower]"
@@ -24,17 +23,18 @@ run: $(STAMP)
 	$(BIN)/glora run $(CONFIG) --overwrite
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts apps
+	$(BIN)/ruff format --check src tests scripts apps
+	# pytest exits 5 when it collects no test: that fails this target like any other error.
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts apps
+	$(BIN)/ruff format --check src tests scripts apps
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests scripts apps
+	$(BIN)/ruff check --fix src tests scripts apps
 
 bench: $(STAMP)
 	$(BIN)/glora bench aggregation
