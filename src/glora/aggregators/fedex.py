@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from glora.aggregators.base import Aggregator, weighted_sum
-from glora.aggregators.flora import accumulate_base_delta
+from glora.aggregators.flora import base_delta_state
 from glora.types import LoRAFactors, ServerState
 from glora.validation import RoundInput
 
@@ -44,11 +44,4 @@ class FedExLoRA(Aggregator):
             A_res = torch.cat([*(f.A * p[i] for i, f in enumerate(fs)), -A_bar], dim=0)
             residuals[m] = LoRAFactors(A=A_res, B=B_res)
             tensors[m] = {"A": A_bar, "B": B_bar}
-        base, log = accumulate_base_delta(prev, residuals)
-        state = ServerState(method=self.name, tensors=tensors, base_delta=base)
-        state.info["base_delta_increments"] = log
-        state.diagnostics = {
-            "base_delta_rank": {m: f.rank for m, f in base.items()},
-            "increment_bytes": log[str(self.next_round(prev))],
-        }
-        return state
+        return base_delta_state(self.name, prev, tensors, residuals)

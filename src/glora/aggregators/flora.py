@@ -16,13 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import Tensor
 
 from glora.aggregators.base import Aggregator
 from glora.linalg import compress_exact
 from glora.types import LoRAFactors, ServerState
 from glora.validation import RoundInput
 
-__all__ = ["FLoRA", "accumulate_base_delta", "compress_exact"]
+__all__ = ["FLoRA", "accumulate_base_delta", "base_delta_state", "compress_exact"]
 
 
 def accumulate_base_delta(
@@ -69,6 +70,27 @@ def rank_zero_adapter(d: int, k: int, like: torch.Tensor) -> dict[str, torch.Ten
     return {"A": like.new_zeros(0, k), "B": like.new_zeros(d, 0)}
 
 
+def base_delta_state(
+    method: str,
+    prev: ServerState | None,
+    tensors: dict[str, dict[str, Tensor]],
+    increments: Mapping[str, LoRAFactors],
+) -> ServerState:
+    """The new state of a rule that merges ``increments`` into the base weights (FLoRA, FedEx).
+
+    Accumulates the cumulative base delta, records this round's increment bytes in
+    ``info["base_delta_increments"]`` and the per-module base-delta ranks in the diagnostics.
+    """
+    base, log = accumulate_base_delta(prev, increments)
+    state = ServerState(method=method, tensors=tensors, base_delta=base)
+    state.info["base_delta_increments"] = log
+    state.diagnostics = {
+        "base_delta_rank": {m: f.rank for m, f in base.items()},
+        "increment_bytes": log[str(Aggregator.next_round(prev))],
+    }
+    return state
+
+
 class FLoRA(Aggregator):
     """FLoRA (Wang et al., NeurIPS 2024): exact stacking, native mixed ranks.
 
@@ -92,11 +114,4 @@ class FLoRA(Aggregator):
             increments[m] = LoRAFactors(A=A_stack, B=B_stack)
             d, k = rnd.shapes[m]
             tensors[m] = rank_zero_adapter(d, k, A_stack)
-        base, log = accumulate_base_delta(prev, increments)
-        state = ServerState(method=self.name, tensors=tensors, base_delta=base)
-        state.info["base_delta_increments"] = log
-        state.diagnostics = {
-            "base_delta_rank": {m: f.rank for m, f in base.items()},
-            "increment_bytes": log[str(self.next_round(prev))],
-        }
-        return state
+        return base_delta_state(self.name, prev, tensors, increments)
