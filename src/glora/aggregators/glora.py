@@ -35,6 +35,9 @@ from glora.validation import RoundInput
 
 __all__ = ["GLoRA"]
 
+#: Most entries of S×S Gram matrices processed in one chunk (4 MiB in float32).
+_GRAM_BUDGET = 1 << 20
+
 
 class GLoRA(Aggregator):
     """Gauge-aware server aggregation with a rank-compatible readout.
@@ -55,9 +58,10 @@ class GLoRA(Aggregator):
         split: singular values in the readout: ``"sqrt"`` (``Σ^{1/2}`` on both factors) or ``"B"``
             (all of ``Σ`` in ``B``, FlexLoRA's convention).
         diagnostics: also compute the relative projection error ``‖ΔW* − ΔW_srv‖_F / ‖ΔW*‖_F``
-            (``diagnostics["proj_error_rel"]``); costs a ``k·S²`` Gram per module, about +25 %
-            server time at the 7B-like benchmark shape, so it is off by default.
-        chunk_size: modules processed per batch (bounds the extra memory).
+            (``diagnostics["proj_error_rel"]``); costs a ``k·S²`` Gram per module (+8 to +23 %
+            server time at the 7B-like benchmark shape in our runs), so it is off by default.
+        chunk_size: modules processed per batch (bounds the extra memory); fewer when the
+            round's total rank is large, so that a chunk's S×S Gram matrices stay small.
     """
 
     name = "glora"
@@ -192,12 +196,14 @@ class GLoRA(Aggregator):
             r_max = max(ranks)
             qs = [min(d, k, r) if self.basis == "svd" else min(d, r) for r in ranks]
             S_M = sum(qs)
+            # modules per chunk: chunk_size, and at most _GRAM_BUDGET entries of S×S Gram matrices
+            # (large rounds, e.g. 100 clients, would otherwise eigendecompose many at once)
+            width = max(1, min(self.chunk_size, len(names), _GRAM_BUDGET // (S_M * S_M)))
             # buffers reused by every chunk of the group (no fresh pages per chunk)
-            width = min(self.chunk_size, len(names))
             M_buf = torch.empty(width, d, S_M, dtype=rnd.dtype)
             F_buf = torch.empty(width, S_M, k, dtype=rnd.dtype)
-            for start in range(0, len(names), self.chunk_size):
-                chunk = names[start : start + self.chunk_size]
+            for start in range(0, len(names), width):
+                chunk = names[start : start + width]
                 c = len(chunk)
                 # per client, over the chunk's modules: B̃_i A_i = U_i F_i. The weighted bases
                 # side by side form M (c, d, S_M), the F_i stacked F (c, S_M, k).
