@@ -370,7 +370,7 @@ class Simulation:
             cid = self.client_id(i)
             outcomes[cid] = out
             bytes_down += out.bytes_down
-            if out.result.steps:
+            if out.result.steps and math.isfinite(out.result.mean_loss):
                 losses.append(out.result.mean_loss)
             if out.update is None:
                 dropped[cid] = out.result.error or "training failed"
@@ -421,7 +421,7 @@ class Simulation:
             "method": self.config.method.name,
             "participants": [self.client_id(i) for i in participants],
             "dropped": dropped,
-            "train_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
+            "train_loss": float(sum(losses) / len(losses)) if losses else None,
             "metrics": {},
             "bytes_up": int(bytes_up),
             "bytes_down": int(bytes_down),
