@@ -70,8 +70,10 @@ def run(
         if resume is not None:
             config_path = (Path(resume) / "config.yaml").resolve()
             cfg = resume_config(resume)
-            if not RunDir(cfg.run_dir).checkpoint_rounds():
-                raise RunDirError(f"{str(resume)!r} has no complete checkpoint to resume from")
+            # fail early (exit 2) if the run is in use or no checkpoint verifies (the ServerApp
+            # loads it again, under the lock too)
+            with RunDir(cfg.run_dir) as rd:
+                rd.load_checkpoint()
         elif config is None:
             raise ConfigError("give a CONFIG.yaml (or --resume RUN_DIR)")
         else:

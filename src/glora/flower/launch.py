@@ -33,6 +33,7 @@ __all__ = [
     "APP_DIR",
     "FederationError",
     "LocalFederation",
+    "SuperLinkDied",
     "free_port",
     "generate_auth_keys",
     "generate_tls",
@@ -48,6 +49,10 @@ CONNECTION = "glora-local"
 
 class FederationError(RuntimeError):
     """A Flower process failed to start or the run failed."""
+
+
+class SuperLinkDied(FederationError):
+    """The SuperLink exited during a run (resume from the last checkpoint with ``--resume``)."""
 
 
 def _bin(name: str) -> str:
@@ -408,11 +413,22 @@ class LocalFederation:
 
     # ------------------------------------------------------------------ run
     def run(
-        self, app_dir: str | Path, run_config: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        app_dir: str | Path,
+        run_config: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+        poll: float = 1.0,
     ) -> int:
         """``flwr run APP glora-local --stream --run-config …``; its exit code.
 
         Its output goes to ``logs/flwr-run.log`` (and is echoed when ``GLORA_FLOWER_ECHO=1``).
+        Every ``poll`` seconds it checks that the SuperLink is alive: ``flwr run`` and the
+        ServerApp can wait indefinitely for a dead SuperLink, so a dead one stops the run.
+
+        Raises:
+            SuperLinkDied: the SuperLink process exited before ``flwr run`` finished.
+            FederationError: ``timeout`` seconds passed.
         """
         assert self.workdir is not None
         cmd = [
@@ -425,10 +441,21 @@ class LocalFederation:
             run_config_arg(run_config),
         ]
         proc = self._spawn("flwr-run", cmd)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise FederationError(f"flwr run did not finish within {timeout} s") from None
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.popen.wait(poll)
+                link = self.superlink
+                if link is not None and link.popen.poll() is not None:
+                    # flwr run (and the ServerApp) may wait forever for a dead SuperLink
+                    raise SuperLinkDied(
+                        f"flower-superlink died (exit code {link.popen.returncode}) during the "
+                        "run; every Flower process was stopped. Continue from the last "
+                        "checkpoint with `glora flower run --resume RUN_DIR`"
+                    )
+                if deadline is not None and time.monotonic() > deadline:
+                    raise FederationError(f"flwr run did not finish within {timeout} s")
         finally:
             _kill_group(proc.popen, grace=2.0)
 
@@ -445,12 +472,24 @@ class LocalFederation:
         return "\n".join(out)
 
     def stop(self) -> None:
-        """Kill every process group started (reverse order) and close the logs."""
+        """Kill every process group started (reverse order), then any stray process of this
+        federation (found by its ``FLWR_HOME``), and close the logs.
+
+        A stray: the ``flwr-serverapp`` that the SuperLink starts in a process group of its own;
+        it outlives a killed SuperLink (and would hold the run directory's lock).
+        """
         for p in reversed(self.procs):
             _kill_group(p.popen)
             if p.handle is not None:
                 p.handle.close()
                 p.handle = None
+        if self.workdir is not None:
+            _kill_pids(_pids_with_env("FLWR_HOME", str(self.workdir / "flwr-home")))
+
+    @property
+    def superlink(self) -> _Proc | None:
+        """The SuperLink process (None before :meth:`start`)."""
+        return next((p for p in self.procs if p.name == "superlink"), None)
 
     def pids(self) -> list[int]:
         """PIDs of the process-group leaders started."""
@@ -468,6 +507,42 @@ class LocalFederation:
         self.stop()
         if self._own_workdir and self.workdir is not None and not os.environ.get("GLORA_KEEP"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _pids_with_env(key: str, value: str) -> list[int]:
+    """PIDs (other than this process) whose environment has ``key=value`` (Linux /proc)."""
+    needle = f"{key}={value}".encode()
+    pids = []
+    for pdir in Path("/proc").iterdir():
+        if not pdir.name.isdigit() or int(pdir.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (pdir / "environ").read_bytes().split(b"\0"):
+                pids.append(int(pdir.name))
+    return pids
+
+
+def _kill_pids(pids: Sequence[int], grace: float = 5.0) -> None:
+    """SIGKILL ``pids`` (and their process groups unless it is ours); wait until they are gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            pgid = os.getpgid(pid)
+            if pgid != os.getpgrp():
+                os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _pids_listening(port: int) -> list[int]:

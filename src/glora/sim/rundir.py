@@ -6,15 +6,35 @@ Layout of ``output.dir/<name>/``::
     metrics.jsonl               one JSON object per round
     adapter/                    the final global adapter (a standard PEFT adapter directory)
     checkpoints/round_XXXX/     server.safetensors + server.json, head.safetensors,
-                                clients.safetensors + clients.json (written to a temporary
-                                directory, then renamed: a round_XXXX directory is complete)
+                                clients.safetensors + clients.json, manifest.json (written to a
+                                temporary directory ``.tmp-*``, fsynced, then renamed: a
+                                round_XXXX directory is complete)
     .lock                       fcntl lock held while a run uses the directory
+
+Checkpoint integrity: ``manifest.json`` (written last, before the rename) lists every other file
+of the checkpoint with its byte size and SHA-256::
+
+    {"format": 1, "round": 3, "files": {"server.safetensors": {"bytes": 123, "sha256": "..."}}}
+
+:meth:`RunDir.load_checkpoint` verifies it before parsing anything, then parses every file into
+memory; a checkpoint that fails (missing file, size or hash mismatch, unparsable manifest,
+safetensors or JSON) raises :class:`RunDirError` naming the checkpoint and the file, and nothing
+of it is returned (never half-loaded). Without an explicit round it falls back to the newest
+checkpoint that loads, with a logged warning. Checkpoints written before manifests existed (no
+``manifest.json``) stay loadable: they are unverified but still parse-checked (a truncated
+safetensors file is rejected by its header/length check), and a warning says so. Leftover
+``.tmp-*`` directories of an interrupted save are never read and are removed on resume.
+The lock is an ``flock`` on ``.lock``: the kernel releases it when the holding process dies,
+even by SIGKILL, so a crashed run never blocks its ``--resume``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +48,8 @@ from torch import Tensor
 from glora.types import ServerState
 
 __all__ = [
+    "CHECKPOINT_FILES",
+    "MANIFEST",
     "Checkpoint",
     "RunDir",
     "RunDirError",
@@ -35,6 +57,20 @@ __all__ = [
 ]
 
 _CKPT_PREFIX = "round_"
+_TMP_PREFIX = ".tmp-"
+#: The manifest of a checkpoint directory (written last).
+MANIFEST = "manifest.json"
+#: The files every checkpoint holds (besides the manifest).
+CHECKPOINT_FILES = (
+    "server.safetensors",
+    "head.safetensors",
+    "clients.safetensors",
+    "clients.json",
+    "server.json",
+)
+_MANIFEST_FORMAT = 1
+
+log = logging.getLogger("glora.sim")
 
 
 class RunDirError(RuntimeError):
@@ -43,6 +79,30 @@ class RunDirError(RuntimeError):
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory (best effort for directories on odd file systems)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # pragma: no cover - e.g. a directory that cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - fsync of a directory unsupported
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Checkpoint:
@@ -63,6 +123,17 @@ class Checkpoint:
         self.head = head
         self.client_tensors = client_tensors
         self.client_meta = client_meta
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (recursively through dicts and lists)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 class RunDir:
@@ -156,9 +227,13 @@ class RunDir:
 
     # ------------------------------------------------------------------ metrics
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one round's record to ``metrics.jsonl`` (flushed and fsynced)."""
+        """Append one round's record to ``metrics.jsonl`` (flushed and fsynced).
+
+        Strict JSON: a NaN or infinite number (e.g. Pearson of a constant prediction) is
+        written as ``null``.
+        """
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -183,23 +258,36 @@ class RunDir:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_rounds(self) -> list[int]:
-        """Rounds of the complete checkpoints, ascending."""
+        """Rounds of the complete checkpoints, ascending (not verified: see load_checkpoint).
+
+        A ``round_XXXX`` directory counts if it has a manifest or (older format) a
+        ``server.json``; ``.tmp-*`` directories of interrupted saves never count.
+        """
         if not self.checkpoints_path.is_dir():
             return []
         out = []
         for p in self.checkpoints_path.iterdir():
-            if p.is_dir() and p.name.startswith(_CKPT_PREFIX) and (p / "server.json").is_file():
+            if (
+                p.is_dir()
+                and p.name.startswith(_CKPT_PREFIX)
+                and ((p / MANIFEST).is_file() or (p / "server.json").is_file())
+            ):
                 try:
                     out.append(int(p.name[len(_CKPT_PREFIX) :]))
                 except ValueError:
                     continue
         return sorted(out)
 
+    def checkpoint_path(self, round: int) -> Path:
+        """The directory of round ``round``'s checkpoint."""
+        return self.checkpoints_path / f"{_CKPT_PREFIX}{round:04d}"
+
     def save_checkpoint(self, ckpt: Checkpoint) -> Path:
-        """Write a checkpoint atomically (temporary directory + rename)."""
+        """Write a checkpoint atomically (temporary directory + manifest + fsync + rename)."""
         self.checkpoints_path.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints_path / f"{_CKPT_PREFIX}{ckpt.round:04d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoints_path))
+        final = self.checkpoint_path(ckpt.round)
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.checkpoints_path))
+        old: Path | None = None
         try:
             state = ckpt.state
             _save_tensors(state.flat_tensors(), tmp / "server.safetensors")
@@ -214,37 +302,175 @@ class RunDir:
                 "info": state.info,
                 "diagnostics": state.diagnostics,
             }
-            # server.json last: its presence marks a complete checkpoint
             (tmp / "server.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
+            files = {}
+            for name in CHECKPOINT_FILES:
+                _fsync_path(tmp / name)
+                files[name] = {
+                    "bytes": (tmp / name).stat().st_size,
+                    "sha256": _file_digest(tmp / name),
+                }
+            # the manifest last: it seals the files written above
+            manifest = {"format": _MANIFEST_FORMAT, "round": ckpt.round, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            _fsync_path(tmp / MANIFEST)
+            _fsync_path(tmp)
+            if final.exists():  # rewriting a round: move the old one aside first
+                old = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.checkpoints_path))
+                os.replace(final, old / final.name)
             os.replace(tmp, final)
+            _fsync_path(self.checkpoints_path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def remove_temp(self) -> list[Path]:
+        """Remove the ``.tmp-*`` leftovers of interrupted checkpoint saves; the removed paths.
+
+        Call it only while holding the lock (no other save can be in progress).
+        """
+        if not self.checkpoints_path.is_dir():
+            return []
+        gone = [p for p in self.checkpoints_path.iterdir() if p.name.startswith(_TMP_PREFIX)]
+        for p in gone:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return gone
+
+    def verify_checkpoint(self, round: int) -> bool:
+        """Check round ``round``'s checkpoint files against its manifest.
+
+        Returns True if verified, False for a checkpoint without a manifest (written by an
+        older glora: loadable, parse-checked only).
+
+        Raises:
+            RunDirError: naming the checkpoint and the file that is missing, has the wrong size
+                or hash, or a manifest that cannot be read.
+        """
+        p = self.checkpoint_path(round)
+        where = f"checkpoint {str(p)!r}"
+        mpath = p / MANIFEST
+        if not mpath.exists():
+            for name in CHECKPOINT_FILES:
+                if not (p / name).is_file():
+                    raise RunDirError(f"{where} is incomplete: {name} is missing")
+            return False
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            files = manifest["files"]
+            if not isinstance(files, dict) or int(manifest["round"]) != round:
+                raise ValueError("bad files or round")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{where} is corrupt: {MANIFEST} is unreadable ({exc})") from None
+        for name in CHECKPOINT_FILES:
+            if name not in files:
+                raise RunDirError(f"{where} is corrupt: {MANIFEST} does not list {name}")
+        for name, want in files.items():
+            f = p / name
+            if not f.is_file():
+                raise RunDirError(f"{where} is incomplete: {name} is missing")
+            size = f.stat().st_size
+            if size != int(want["bytes"]):
+                raise RunDirError(
+                    f"{where} is corrupt: {name} has {size} bytes, the manifest says "
+                    f"{int(want['bytes'])} (truncated or overwritten)"
+                )
+            if _file_digest(f) != want["sha256"]:
+                raise RunDirError(f"{where} is corrupt: {name} does not match its SHA-256")
+        return True
+
+    def _load_one(self, round: int) -> Checkpoint:
+        """Verify and parse one checkpoint entirely into memory (RunDirError if it fails)."""
+        p = self.checkpoint_path(round)
+        where = f"checkpoint {str(p)!r}"
+        if not self.verify_checkpoint(round):
+            log.warning("%s has no %s (older glora): loading it unverified", where, MANIFEST)
+
+        def _json(name: str) -> Any:
+            try:
+                return json.loads((p / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise RunDirError(f"{where} is corrupt: {name} is not valid JSON ({exc})") from None
+
+        def _tensors(name: str) -> dict[str, Tensor]:
+            try:
+                return load_file(str(p / name))
+            except Exception as exc:  # safetensors raises its own error types
+                raise RunDirError(
+                    f"{where} is corrupt: {name} is not a valid safetensors file ({exc})"
+                ) from None
+
+        meta = _json("server.json")
+        flat = _tensors("server.safetensors")
+        head = _tensors("head.safetensors")
+        client_tensors = _tensors("clients.safetensors")
+        client_meta = _json("clients.json")
+        try:
+            state = ServerState.from_flat(
+                meta["method"], int(meta["state_round"]), flat, meta["info"], meta["diagnostics"]
+            )
+            ckpt_round = int(meta["round"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(
+                f"{where} is corrupt: server.json/server.safetensors: {exc}"
+            ) from None
+        if ckpt_round != round:
+            raise RunDirError(f"{where} is corrupt: server.json says round {ckpt_round}")
+        return Checkpoint(
+            round=ckpt_round,
+            state=state,
+            options=meta.get("options", {}),
+            head=head,
+            client_tensors=client_tensors,
+            client_meta=client_meta,
+        )
+
     def load_checkpoint(self, round: int | None = None) -> Checkpoint:
-        """Load the checkpoint of ``round`` (default: the latest complete one)."""
+        """Load the checkpoint of ``round`` (default: the newest one that verifies).
+
+        Every file is verified against the manifest and parsed before anything is returned.
+        Without ``round``, a checkpoint that fails is skipped with a logged warning and the
+        next older one is tried; leftover ``.tmp-*`` directories are removed (call it with
+        the lock held).
+
+        Raises:
+            RunDirError: no checkpoint, ``round``'s checkpoint fails, or none verifies.
+        """
         rounds = self.checkpoint_rounds()
         if not rounds:
             raise RunDirError(
                 f"{str(self.path)!r} has no complete checkpoint to resume from "
                 "(set training.checkpoint_every to write them)"
             )
-        r = rounds[-1] if round is None else round
-        p = self.checkpoints_path / f"{_CKPT_PREFIX}{r:04d}"
-        meta = json.loads((p / "server.json").read_text(encoding="utf-8"))
-        flat = load_file(str(p / "server.safetensors"))
-        state = ServerState.from_flat(
-            meta["method"], int(meta["state_round"]), flat, meta["info"], meta["diagnostics"]
-        )
-        return Checkpoint(
-            round=int(meta["round"]),
-            state=state,
-            options=meta.get("options", {}),
-            head=load_file(str(p / "head.safetensors")),
-            client_tensors=load_file(str(p / "clients.safetensors")),
-            client_meta=json.loads((p / "clients.json").read_text(encoding="utf-8")),
+        if round is not None:
+            if round not in rounds:
+                raise RunDirError(f"{str(self.path)!r} has no checkpoint of round {round}")
+            return self._load_one(round)
+        for p in self.remove_temp():
+            log.info("removed %s (left by an interrupted checkpoint save)", p)
+        failures: list[str] = []
+        for r in reversed(rounds):
+            try:
+                ckpt = self._load_one(r)
+            except RunDirError as exc:
+                failures.append(str(exc))
+                log.warning("%s; trying an older checkpoint", exc)
+                continue
+            if failures:
+                log.warning(
+                    "resuming from the checkpoint of round %d instead of round %d (newer "
+                    "checkpoints failed verification)",
+                    r,
+                    rounds[-1],
+                )
+            return ckpt
+        raise RunDirError(
+            f"{str(self.path)!r} has no valid checkpoint to resume from:\n  "
+            + "\n  ".join(failures)
         )
 
 
