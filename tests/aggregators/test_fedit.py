@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from glora import UnsupportedRanks, aggregators
-from tests.helpers import oracle, random_updates, rel
+from tests.helpers import oracle, random_updates, rel, weights_of
 
 
 def test_fedit_is_factor_average_with_cross_terms():
     ups = random_updates([4, 4, 4])
     agg = aggregators.build("fedit")
     out = agg.readout(agg.aggregate(ups))
-    p = torch.tensor([u.weight for u in ups], dtype=torch.float64)
-    p /= p.sum()
+    p = weights_of(ups)
     for m, f in out.items():
         A = sum(p[i] * u.factors[m].A for i, u in enumerate(ups))
         B = sum(p[i] * u.factors[m].B for i, u in enumerate(ups))

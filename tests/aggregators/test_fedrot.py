@@ -10,16 +10,13 @@ from hypothesis import strategies as st
 from glora import aggregators
 from glora.aggregators.fedrot import FedRotLoRA, align_factor, align_pair, alignment_rotation
 from glora.types import LoRAFactors
-from tests.aggregators.helpers_baselines2 import (
-    check_float32,
-    check_invalid_keeps_state,
-    check_no_mutation,
-    check_one_client,
-    check_order_invariance,
+from tests.helpers import (
+    MIXED,
+    check_protocol,
     check_registry,
     check_same_rank_only,
-    make_updates,
-    rand_factors,
+    random_factors,
+    random_updates,
     rel,
 )
 
@@ -36,7 +33,7 @@ def _rotation(r: int, gen: torch.Generator) -> torch.Tensor:
 def _pair(seed: int, d: int = 24, k: int = 16, r: int = 4, noise: float = 0.1):
     """Trained factors = a rotated copy of the reference plus noise."""
     gen = torch.Generator().manual_seed(seed)
-    ref = rand_factors(d, k, r, gen)
+    ref = random_factors(d, k, r, gen, scaled=True)
     Q = _rotation(r, gen)
     A = Q.mT @ ref.A + noise * torch.randn(r, k, generator=gen, dtype=F64)
     B = ref.B @ Q + noise * torch.randn(d, r, generator=gen, dtype=F64)
@@ -98,9 +95,9 @@ def test_lam_zero_and_zero_reference_are_identity():
     assert torch.equal(out.A, f.A) and torch.equal(out.B, f.B)
     zero_ref = align_pair(f.B, f.A, torch.zeros_like(ref.B), ref.A, "B", lam=1.0)
     assert torch.equal(zero_ref.B, f.B) and torch.equal(zero_ref.A, f.A)
-    ups = make_updates((4, 4), seed=40)
+    ups = random_updates((4, 4), MIXED, scaled=True, seed=40)
     agg = FedRotLoRA(lam=0.0)
-    received = dict(make_updates((4,), seed=41)[0].factors.items())
+    received = dict(random_updates((4,), MIXED, scaled=True, seed=41)[0].factors.items())
     for rnd in (1, 2, 3):
         same = agg.prepare_upload(rnd, received, ups[0].factors)
         assert all(same[m] is ups[0].factors[m] for m in same)
@@ -127,7 +124,7 @@ def test_round_schedule_and_alternation():
 
 
 def test_server_is_fedit_and_alignment_changes_fedit_average():
-    ups = make_updates((4, 4, 4), seed=42)
+    ups = random_updates((4, 4, 4), MIXED, scaled=True, seed=42)
     rot, fedit = FedRotLoRA(), aggregators.build("fedit")
     s1, s2 = rot.aggregate(ups), fedit.aggregate(ups)
     for m in s1.tensors:
@@ -143,11 +140,7 @@ def test_float32_alignment():
 
 
 def test_common_protocol():
-    check_order_invariance(FedRotLoRA(), FedRotLoRA())
-    check_one_client(FedRotLoRA())
-    check_float32(FedRotLoRA())
-    check_no_mutation(FedRotLoRA())
-    check_invalid_keeps_state(FedRotLoRA())
+    check_protocol(FedRotLoRA)
     check_same_rank_only("fedrot")
 
 
@@ -162,7 +155,7 @@ def test_common_protocol():
 )
 def test_property_product_unchanged(r, d, k, lam, factor, seed):
     gen = torch.Generator().manual_seed(seed)
-    f, ref = rand_factors(d, k, r, gen), rand_factors(d, k, r, gen)
+    f, ref = random_factors(d, k, r, gen, scaled=True), random_factors(d, k, r, gen, scaled=True)
     out = align_pair(f.B, f.A, ref.B, ref.A, factor, lam)
     assert rel(out.B @ out.A, f.B @ f.A) <= 1e-12
     if lam >= 1:

@@ -8,17 +8,18 @@ import torch
 from glora import aggregators
 from glora.aggregators.fedsa import FedSALoRA
 from glora.types import ClientPlan, InvalidUpdate, UnsupportedRanks
-from tests.aggregators.helpers_baselines1 import (
+from tests.helpers import (
+    TWIN,
     D,
     K,
     bad_update,
-    initial_adapter,
-    make_updates,
+    fresh_initial,
+    random_updates,
     replace_factor,
     snapshot,
     states_equal,
     unchanged,
-    weights,
+    weights_of,
 )
 
 
@@ -37,12 +38,12 @@ def test_client_plan():
 
 
 def test_averages_A_and_keeps_initial_B():
-    ups = make_updates([4, 4, 4])
+    ups = random_updates([4, 4, 4], TWIN, weights="random")
     agg = aggregators.build("fedsa")
-    init = initial_adapter(4)
+    init = fresh_initial(4, TWIN)
     agg.init_state(init)
     state = agg.aggregate(ups)
-    p = weights(ups)
+    p = weights_of(ups)
     for m in state.tensors:
         A_bar = sum(p[i] * u.factors[m].A for i, u in enumerate(ups))
         torch.testing.assert_close(state.tensors[m]["A"], A_bar)
@@ -53,40 +54,42 @@ def test_averages_A_and_keeps_initial_B():
 
 def test_without_prev_B_start_is_zero():
     agg = aggregators.build("fedsa")
-    state = agg.aggregate(make_updates([3, 3]))
+    state = agg.aggregate(random_updates([3, 3], TWIN, weights="random"))
     for named in state.tensors.values():
         assert named["B"].shape == (D, 3) and not named["B"].any()
         assert named["A"].shape == (3, K)
 
 
 def test_ignores_B():
-    ups = make_updates([4, 4, 4])
+    ups = random_updates([4, 4, 4], TWIN, weights="random")
     a, b = aggregators.build("fedsa"), aggregators.build("fedsa")
     assert states_equal(a.aggregate(ups), b.aggregate(replace_factor(ups, "B")))
 
 
 def test_order_one_client_dtype_and_no_mutation():
-    ups = make_updates([3, 3, 3])
+    ups = random_updates([3, 3, 3], TWIN, weights="random")
     snap = snapshot(ups)
     s1 = aggregators.build("fedsa").aggregate(ups)
     s2 = aggregators.build("fedsa").aggregate(ups[::-1])
     assert unchanged(ups, snap)
     for m in s1.tensors:
         torch.testing.assert_close(s1.tensors[m]["A"], s2.tensors[m]["A"])
-    one = make_updates([3])
+    one = random_updates([3], TWIN, weights="random")
     s = aggregators.build("fedsa").aggregate(one)
     for m in s.tensors:
         torch.testing.assert_close(s.tensors[m]["A"], one[0].factors[m].A)
-    s32 = aggregators.build("fedsa").aggregate(make_updates([3, 3], dtype=torch.float32))
+    s32 = aggregators.build("fedsa").aggregate(
+        random_updates([3, 3], TWIN, weights="random", dtype=torch.float32)
+    )
     assert all(t.dtype == torch.float32 for n in s32.tensors.values() for t in n.values())
 
 
 def test_mixed_ranks_need_pad():
-    ups = make_updates([2, 4])
+    ups = random_updates([2, 4], TWIN, weights="random")
     with pytest.raises(UnsupportedRanks):
         aggregators.build("fedsa").aggregate(ups)
     agg = aggregators.build("fedsa", pad=True)
-    agg.init_state(initial_adapter(2))
+    agg.init_state(fresh_initial(2, TWIN))
     state = agg.aggregate(ups)
     assert state.tensors["layer.0.q"]["A"].shape == (4, K)
     assert state.tensors["layer.0.q"]["B"].shape == (D, 4)
@@ -96,9 +99,9 @@ def test_mixed_ranks_need_pad():
 
 def test_invalid_update_leaves_state():
     agg = aggregators.build("fedsa")
-    ups = make_updates([3, 3])
+    ups = random_updates([3, 3], TWIN, weights="random")
     agg.aggregate(ups)
     before = agg.state
     with pytest.raises(InvalidUpdate):
-        agg.aggregate(bad_update(make_updates([3, 3], seed=1)))
+        agg.aggregate(bad_update(random_updates([3, 3], TWIN, weights="random", seed=1)))
     assert agg.state is before

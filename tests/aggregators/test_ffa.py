@@ -8,13 +8,14 @@ import torch
 from glora import aggregators
 from glora.aggregators.ffa import FFALoRA
 from glora.types import ClientPlan, InvalidUpdate, UnsupportedRanks
-from tests.aggregators.helpers_baselines1 import (
+from tests.helpers import (
+    TWIN,
     assert_close,
     bad_update,
-    dense,
-    initial_adapter,
-    make_updates,
+    fresh_initial,
     oracle,
+    products,
+    random_updates,
     replace_factor,
     snapshot,
     states_equal,
@@ -23,10 +24,17 @@ from tests.aggregators.helpers_baselines1 import (
 
 
 def _setup(ranks, dtype=torch.float64, seed=0):
-    init = initial_adapter(max(ranks), dtype=dtype)
+    init = fresh_initial(max(ranks), TWIN, dtype=dtype)
     agg = aggregators.build("ffa", pad=len(set(ranks)) > 1)
     agg.init_state(init)
-    ups = make_updates(ranks, seed=seed, dtype=dtype, shared_A={m: f.A for m, f in init.items()})
+    ups = random_updates(
+        ranks,
+        TWIN,
+        weights="random",
+        seed=seed,
+        dtype=dtype,
+        shared_A={m: f.A for m, f in init.items()},
+    )
     return agg, init, ups
 
 
@@ -45,7 +53,7 @@ def test_client_plan():
 def test_exact_with_shared_A0_and_A_kept():
     agg, init, ups = _setup([4, 4, 4])
     state = agg.aggregate(ups)
-    assert_close(dense(agg.effective_update(state)), oracle(ups))
+    assert_close(products(agg.effective_update(state)), oracle(ups))
     for m, f in init.items():
         assert torch.equal(state.tensors[m]["A"], f.A)
 
@@ -60,11 +68,11 @@ def test_reads_only_B_after_init():
 
 
 def test_without_init_uses_average_A():
-    init = initial_adapter(4)
-    ups = make_updates([4, 4], shared_A={m: f.A for m, f in init.items()})
+    init = fresh_initial(4, TWIN)
+    ups = random_updates([4, 4], TWIN, weights="random", shared_A={m: f.A for m, f in init.items()})
     agg = aggregators.build("ffa")
     state = agg.aggregate(ups)
-    assert_close(dense(agg.readout(state)), oracle(ups))
+    assert_close(products(agg.readout(state)), oracle(ups))
 
 
 def test_order_one_client_dtype_and_no_mutation():
@@ -86,8 +94,10 @@ def test_order_one_client_dtype_and_no_mutation():
 
 
 def test_mixed_ranks_need_pad_and_nested_A0():
-    init = initial_adapter(6)
-    ups = make_updates([2, 4, 6], shared_A={m: f.A for m, f in init.items()})
+    init = fresh_initial(6, TWIN)
+    ups = random_updates(
+        [2, 4, 6], TWIN, weights="random", shared_A={m: f.A for m, f in init.items()}
+    )
     agg = aggregators.build("ffa")
     agg.init_state(init)
     with pytest.raises(UnsupportedRanks):
@@ -95,21 +105,23 @@ def test_mixed_ranks_need_pad_and_nested_A0():
     agg = aggregators.build("ffa", pad=True)
     agg.init_state(init)
     state = agg.aggregate(ups)
-    assert_close(dense(agg.effective_update(state)), oracle(ups))
+    assert_close(products(agg.effective_update(state)), oracle(ups))
     assert agg.readout(state, 2)["layer.0.q"].rank == 2
     assert torch.equal(agg.readout(state, 4)["layer.0.q"].A, init["layer.0.q"].A[:4])
     # a round of smaller rank keeps the full A_0 (B zero-padded)
-    small = make_updates([2, 2], shared_A={m: f.A for m, f in init.items()})
+    small = random_updates(
+        [2, 2], TWIN, weights="random", shared_A={m: f.A for m, f in init.items()}
+    )
     state2 = agg.aggregate(small)
     assert state2.tensors["layer.0.q"]["A"].shape == (6, 16)
-    assert_close(dense(agg.readout(state2)), oracle(small))
+    assert_close(products(agg.readout(state2)), oracle(small))
 
 
 def test_rank_above_A0_is_invalid_and_state_kept():
-    init = initial_adapter(4)
+    init = fresh_initial(4, TWIN)
     agg = aggregators.build("ffa")
     agg.init_state({m: f.truncate(2) for m, f in init.items()})
-    ups = make_updates([4, 4], shared_A={m: f.A for m, f in init.items()})
+    ups = random_updates([4, 4], TWIN, weights="random", shared_A={m: f.A for m, f in init.items()})
     before = agg.state
     with pytest.raises(InvalidUpdate, match="A_0"):
         agg.aggregate(ups)

@@ -9,19 +9,18 @@ from hypothesis import strategies as st
 
 from glora import aggregators
 from glora.aggregators.flora import FLoRA, accumulate_base_delta, compress_exact
-from glora.types import ClientPlan, InvalidUpdate, LoRAFactors, ServerState
-from tests.aggregators.helpers_baselines1 import (
+from glora.types import ClientPlan, LoRAFactors, ServerState
+from tests.helpers import (
+    TWIN,
     D,
     K,
     assert_close,
-    bad_update,
-    dense,
-    initial_adapter,
-    make_updates,
+    check_invalid_round_keeps_state,
+    check_reversed_order_same_effective,
+    fresh_initial,
     oracle,
-    snapshot,
-    states_equal,
-    unchanged,
+    products,
+    random_updates,
 )
 
 
@@ -36,10 +35,10 @@ def test_registry_options_and_plan():
 @settings(max_examples=15, deadline=None)
 @given(ranks=st.lists(st.integers(1, 6), min_size=1, max_size=4), seed=st.integers(0, 999))
 def test_exact_for_any_ranks(ranks, seed):
-    ups = make_updates(ranks, seed=seed)
+    ups = random_updates(ranks, TWIN, weights="random", seed=seed)
     agg = aggregators.build("flora")
     state = agg.aggregate(ups)
-    assert_close(dense(agg.effective_update(state)), oracle(ups))
+    assert_close(products(agg.effective_update(state)), oracle(ups))
     total = sum(ranks)
     for f in state.base_delta.values():
         assert f.rank == total if total <= min(D, K) else f.rank <= min(D, K)
@@ -47,8 +46,8 @@ def test_exact_for_any_ranks(ranks, seed):
 
 def test_state_is_rank_zero_and_readout_is_fresh():
     agg = aggregators.build("flora", seed=3)
-    agg.init_state(initial_adapter(4))
-    state = agg.aggregate(make_updates([2, 4]))
+    agg.init_state(fresh_initial(4, TWIN))
+    state = agg.aggregate(random_updates([2, 4], TWIN, weights="random"))
     for named in state.tensors.values():
         assert named["A"].shape == (0, K) and named["B"].shape == (D, 0)
     for r in (1, 3, 8):
@@ -65,23 +64,24 @@ def test_state_is_rank_zero_and_readout_is_fresh():
 
 def test_two_rounds_cumulative_and_increment_bytes():
     agg = aggregators.build("flora")
-    ups1, ups2 = make_updates([2, 3]), make_updates([4, 1, 1], seed=1)
+    ups1 = random_updates([2, 3], TWIN, weights="random")
+    ups2 = random_updates([4, 1, 1], TWIN, weights="random", seed=1)
     s1 = agg.aggregate(ups1)
     s2 = agg.aggregate(ups2)
     o1, o2 = oracle(ups1), oracle(ups2)
-    assert_close(dense(agg.effective_update(s2)), {m: o1[m] + o2[m] for m in o1})
+    assert_close(products(agg.effective_update(s2)), {m: o1[m] + o2[m] for m in o1})
     per = lambda S: 2 * S * (D + K) * 8  # two modules, float64  # noqa: E731
     assert s2.info["base_delta_increments"] == {"1": per(5), "2": per(6)}
     assert s1.info["base_delta_increments"] == {"1": per(5)}  # prev state not mutated
 
 
 def test_recompression_keeps_product():
-    ups = make_updates([6] * 5, seed=2)  # S = 30 > min(d, k) = 16
+    ups = random_updates([6] * 5, TWIN, weights="random", seed=2)  # S = 30 > min(d, k) = 16
     agg = aggregators.build("flora")
     state = agg.aggregate(ups)
     for f in state.base_delta.values():
         assert f.rank <= min(D, K)
-    assert_close(dense(agg.effective_update(state)), oracle(ups), atol=1e-9)
+    assert_close(products(agg.effective_update(state)), oracle(ups), atol=1e-9)
     assert state.info["base_delta_increments"]["1"] == 2 * 30 * (D + K) * 8
 
 
@@ -108,29 +108,20 @@ def test_accumulate_without_prev():
 
 
 def test_order_one_client_dtype_and_no_mutation():
-    ups = make_updates([2, 5, 3])
-    snap = snapshot(ups)
-    a, b = aggregators.build("flora"), aggregators.build("flora")
-    ea = dense(a.effective_update(a.aggregate(ups)))
-    eb = dense(b.effective_update(b.aggregate(ups[::-1])))
-    assert unchanged(ups, snap)
-    assert_close(ea, eb)
-    one = make_updates([3])
+    ups = random_updates([2, 5, 3], TWIN, weights="random")
+    check_reversed_order_same_effective("flora", ups)
+    one = random_updates([3], TWIN, weights="random")
     agg = aggregators.build("flora")
     s = agg.aggregate(one)
     for m, f in s.base_delta.items():
         assert torch.equal(f.A, one[0].factors[m].A) and torch.equal(f.B, one[0].factors[m].B)
     agg32 = aggregators.build("flora")
-    s32 = agg32.aggregate(make_updates([2, 3], dtype=torch.float32))
-    s32 = agg32.aggregate(make_updates([6, 6, 6], dtype=torch.float32, seed=4))  # recompress
+    s32 = agg32.aggregate(random_updates([2, 3], TWIN, weights="random", dtype=torch.float32))
+    recompress = random_updates([6, 6, 6], TWIN, weights="random", dtype=torch.float32, seed=4)
+    s32 = agg32.aggregate(recompress)
     assert all(f.A.dtype == f.B.dtype == torch.float32 for f in s32.base_delta.values())
     assert all(t.dtype == torch.float32 for n in s32.tensors.values() for t in n.values())
 
 
 def test_invalid_update_leaves_state():
-    agg = aggregators.build("flora")
-    s1 = agg.aggregate(make_updates([2, 3]))
-    with pytest.raises(InvalidUpdate):
-        agg.aggregate(bad_update(make_updates([2, 3], seed=1)))
-    assert agg.state is s1
-    assert states_equal(agg.state, s1) and s1.round == 1
+    check_invalid_round_keeps_state("flora", [2, 3])

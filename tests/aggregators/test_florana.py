@@ -12,17 +12,14 @@ from hypothesis import strategies as st
 from glora import aggregators
 from glora.aggregators.florana import FLoRANA, florana_mixing
 from glora.types import ClientUpdate
-from tests.aggregators.helpers_baselines2 import (
-    check_float32,
-    check_invalid_keeps_state,
-    check_no_mutation,
-    check_one_client,
-    check_order_invariance,
+from tests.helpers import (
+    MIXED,
+    check_protocol,
     check_registry,
     check_same_rank_only,
-    dense_oracle,
-    make_updates,
+    oracle,
     products,
+    random_updates,
     rel,
     truncated_svd,
     weights_of,
@@ -43,8 +40,8 @@ def test_registry_and_options():
 
 
 def test_objective_monotone_between_fedit_and_svd():
-    ups = make_updates((4, 4, 4, 4, 4), seed=50)
-    dense = dense_oracle(ups)
+    ups = random_updates((4, 4, 4, 4, 4), MIXED, scaled=True, seed=50)
+    dense = oracle(ups)
     w = weights_of(ups)
     agg = FLoRANA()
     state = agg.aggregate(ups)
@@ -71,7 +68,7 @@ def test_objective_monotone_between_fedit_and_svd():
 
 @pytest.mark.parametrize("target", ["uniform", "sum"])
 def test_targets(target):
-    ups = make_updates((3, 3, 3), seed=51)
+    ups = random_updates((3, 3, 3), MIXED, scaled=True, seed=51)
     n = len(ups)
     w = torch.full((n,), 1.0 / n, dtype=F64) if target == "uniform" else torch.ones(n, dtype=F64)
     agg = FLoRANA(target=target)
@@ -87,7 +84,7 @@ def test_targets(target):
 
 
 def test_sweeps_zero_is_fedit():
-    ups = make_updates((4, 4, 4), seed=52)
+    ups = random_updates((4, 4, 4), MIXED, scaled=True, seed=52)
     agg = FLoRANA(sweeps=0)
     fedit = aggregators.build("fedit")
     s0, sf = agg.aggregate(ups), fedit.aggregate(ups)
@@ -97,16 +94,12 @@ def test_sweeps_zero_is_fedit():
 
 
 def test_common_protocol():
-    check_order_invariance(FLoRANA(), FLoRANA(), tol=1e-7)
-    check_one_client(FLoRANA())
-    check_float32(FLoRANA())
-    check_no_mutation(FLoRANA())
-    check_invalid_keeps_state(FLoRANA())
+    check_protocol(FLoRANA, order_tol=1e-7)
     check_same_rank_only("florana")
 
 
 def test_identical_clients_are_exact():
-    ups = make_updates((3,), seed=53)
+    ups = random_updates((3,), MIXED, scaled=True, seed=53)
     twins = [ups[0], ClientUpdate("c1", 2.0, ups[0].factors)]
     agg = FLoRANA()
     out = products(agg.readout(agg.aggregate(twins)))
@@ -123,8 +116,8 @@ def test_identical_clients_are_exact():
     seed=st.integers(0, 10_000),
 )
 def test_property_monotone_and_bounded(n, r, d, k, seed):
-    ups = make_updates([r] * n, seed=seed, shapes={"m": (d, k)})
-    W = dense_oracle(ups)["m"]
+    ups = random_updates([r] * n, {"m": (d, k)}, seed=seed, scaled=True)
+    W = oracle(ups)["m"]
     fs = [u.factors["m"] for u in ups]
     _, _, hist = florana_mixing([f.B for f in fs], [f.A for f in fs], weights_of(ups))
     assert all(b <= a + 1e-12 * max(hist[0], 1e-30) for a, b in itertools.pairwise(hist))

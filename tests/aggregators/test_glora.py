@@ -9,7 +9,17 @@ from hypothesis import strategies as st
 
 from glora import ClientUpdate, InvalidUpdate, LoRAFactors, aggregators
 from glora.linalg import fresh_factors
-from tests.helpers import gauge, oracle, products, random_updates, rel
+from tests.helpers import (
+    gauge,
+    oracle,
+    products,
+    random_updates,
+    rel,
+    snapshot,
+    truncated_svd,
+    unchanged,
+    weights_of,
+)
 
 RANKS = [4, 8, 2, 8]
 
@@ -103,9 +113,7 @@ def test_readout_is_truncated_svd_of_full_readout(split):
         part = agg.readout(state, r)
         for m, f in part.items():
             assert f.rank == r
-            U, S, Vh = torch.linalg.svd(full[m])
-            trunc = (U[:, :r] * S[:r]) @ Vh[:r]
-            assert rel(f.delta(), trunc) <= 1e-10
+            assert rel(f.delta(), truncated_svd(full[m], r)) <= 1e-10
 
 
 def test_readouts_are_nested():
@@ -135,8 +143,7 @@ def test_consensus_eigenvalues_in_unit_interval():
     ups = random_updates(RANKS)
     agg = aggregators.build("glora")
     # rebuild the stack the way the aggregator does and check K's spectrum
-    p = torch.tensor([u.weight for u in ups], dtype=torch.float64)
-    p = p / p.sum()
+    p = weights_of(ups)
     m = "layer.0.q"
     M = torch.cat(
         [torch.linalg.qr(u.factors[m].B).Q * p[i].sqrt() for i, u in enumerate(ups)],
@@ -211,11 +218,9 @@ def test_float32_keeps_dtype_and_is_accurate():
 
 def test_inputs_not_mutated():
     ups = random_updates(RANKS)
-    before = [{m: (f.A.clone(), f.B.clone()) for m, f in u.factors.items()} for u in ups]
+    before = snapshot(ups)
     aggregators.build("glora", two_sided=True).aggregate(ups)
-    for u, b in zip(ups, before):
-        for m, f in u.factors.items():
-            assert torch.equal(f.A, b[m][0]) and torch.equal(f.B, b[m][1])
+    assert unchanged(ups, before)
 
 
 def test_modules_of_equal_shape_are_batched_like_single():

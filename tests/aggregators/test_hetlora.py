@@ -10,14 +10,12 @@ import torch
 from glora import aggregators
 from glora.aggregators.hetlora import HetLoRA, hetlora_penalty
 from glora.types import ClientUpdate, LoRAFactors
-from tests.aggregators.helpers_baselines2 import (
-    check_float32,
-    check_invalid_keeps_state,
-    check_no_mutation,
-    check_one_client,
-    check_order_invariance,
+from tests.helpers import (
+    MIXED,
+    check_protocol,
     check_registry,
-    make_updates,
+    map_factors,
+    random_updates,
 )
 
 F64 = torch.float64
@@ -69,7 +67,7 @@ def test_by_hand_norm_weights_padding_and_truncation():
 
 
 def test_norm_weight_is_per_client_over_all_modules():
-    ups = make_updates((2, 3), seed=20)
+    ups = random_updates((2, 3), MIXED, scaled=True, seed=20)
     state = HetLoRA().aggregate(ups)
     nus = [math.sqrt(sum(float((f.delta() ** 2).sum()) for f in u.factors.values())) for u in ups]
     w = [x / sum(nus) for x in nus]
@@ -80,21 +78,14 @@ def test_norm_weight_is_per_client_over_all_modules():
 
 
 def test_all_zero_norms_fall_back_to_fedavg():
-    ups = make_updates((2, 2), seed=21)
-    zero = [
-        ClientUpdate(
-            u.client_id,
-            u.weight,
-            {m: LoRAFactors(A=f.A, B=torch.zeros_like(f.B)) for m, f in u.factors.items()},
-        )
-        for u in ups
-    ]
+    ups = random_updates((2, 2), MIXED, scaled=True, seed=21)
+    zero = map_factors(ups, lambda f: LoRAFactors(A=f.A, B=torch.zeros_like(f.B)))
     state = HetLoRA().aggregate(zero)
     assert state.diagnostics["weights"]["c0"] == pytest.approx(1 / 3)
 
 
 def test_fedavg_mode_is_padded_fedit():
-    ups = make_updates((2, 4, 3), seed=22)
+    ups = random_updates((2, 4, 3), MIXED, scaled=True, seed=22)
     het = HetLoRA(weighting="fedavg")
     fedit = aggregators.build("fedit", pad=True)
     sh, sf = het.aggregate(ups), fedit.aggregate(ups)
@@ -121,8 +112,4 @@ def test_penalty():
 
 
 def test_common_protocol():
-    check_order_invariance(HetLoRA(), HetLoRA())
-    check_one_client(HetLoRA())
-    check_float32(HetLoRA())
-    check_no_mutation(HetLoRA())
-    check_invalid_keeps_state(HetLoRA())
+    check_protocol(HetLoRA)

@@ -7,8 +7,9 @@ import torch
 
 from glora import aggregators
 from glora.aggregators.lorafair import LoRAFAIR
-from glora.types import ClientUpdate, LoRAFactors
-from tests.aggregators.helpers_baselines2 import (
+from glora.types import LoRAFactors
+from tests.helpers import (
+    MIXED,
     check_float32,
     check_invalid_keeps_state,
     check_no_mutation,
@@ -16,9 +17,10 @@ from tests.aggregators.helpers_baselines2 import (
     check_order_invariance,
     check_registry,
     check_same_rank_only,
-    dense_oracle,
-    make_updates,
+    map_factors,
+    oracle,
     products,
+    random_updates,
     rel,
 )
 
@@ -37,8 +39,8 @@ def test_registry_and_options():
 
 
 def test_cosine_improves_on_fedit():
-    ups = make_updates((4, 4, 4), seed=30)
-    dense = dense_oracle(ups)
+    ups = random_updates((4, 4, 4), MIXED, scaled=True, seed=30)
+    dense = oracle(ups)
     fedit = aggregators.build("fedit")
     pf = products(fedit.readout(fedit.aggregate(ups)))
     agg = LoRAFAIR(steps=100)
@@ -55,11 +57,11 @@ def test_cosine_improves_on_fedit():
 
 
 def test_ridge_matches_closed_form():
-    ups = make_updates((3, 3), seed=31)
+    ups = random_updates((3, 3), MIXED, scaled=True, seed=31)
     lam = 0.05
     agg = LoRAFAIR(solver="ridge", lam=lam)
     out = agg.readout(agg.aggregate(ups))
-    dense = dense_oracle(ups)
+    dense = oracle(ups)
     p = torch.tensor([1.0, 2.0], dtype=F64) / 3
     for m, W in dense.items():
         A = sum(p[i] * u.factors[m].A for i, u in enumerate(ups))
@@ -77,15 +79,8 @@ def test_ridge_matches_closed_form():
 
 
 def test_cosine_solver_is_scale_free_and_steps_zero_is_fedit():
-    ups = make_updates((3, 3), seed=32)
-    big = [
-        ClientUpdate(
-            u.client_id,
-            u.weight,
-            {m: LoRAFactors(A=f.A, B=f.B * 1000.0) for m, f in u.factors.items()},
-        )
-        for u in ups
-    ]
+    ups = random_updates((3, 3), MIXED, scaled=True, seed=32)
+    big = map_factors(ups, lambda f: LoRAFactors(A=f.A, B=f.B * 1000.0))
     a1, a2 = LoRAFAIR(lam=0.0, steps=60), LoRAFAIR(lam=0.0, steps=60)
     o1, o2 = a1.readout(a1.aggregate(ups)), a2.readout(a2.aggregate(big))
     for m in o1:
@@ -98,21 +93,14 @@ def test_cosine_solver_is_scale_free_and_steps_zero_is_fedit():
 
 
 def test_zero_b_keeps_fedit():
-    ups = make_updates((2, 2), seed=33)
-    zero = [
-        ClientUpdate(
-            u.client_id,
-            u.weight,
-            {m: LoRAFactors(A=f.A, B=torch.zeros_like(f.B)) for m, f in u.factors.items()},
-        )
-        for u in ups
-    ]
+    ups = random_updates((2, 2), MIXED, scaled=True, seed=33)
+    zero = map_factors(ups, lambda f: LoRAFactors(A=f.A, B=torch.zeros_like(f.B)))
     state = LoRAFAIR().aggregate(zero)
     assert all(torch.count_nonzero(t["B"]) == 0 for t in state.tensors.values())
 
 
 def test_no_grad_context():
-    ups = make_updates((3, 3), seed=34)
+    ups = random_updates((3, 3), MIXED, scaled=True, seed=34)
     with torch.no_grad():
         state = LoRAFAIR(steps=20).aggregate(ups)
     ref = LoRAFAIR(steps=20).aggregate(ups)

@@ -8,21 +8,12 @@ import pytest
 import torch
 
 from glora import ClientPlan, ClientUpdate, LoRAFactors, ServerState, aggregators
-from glora.linalg import fresh_factors
-from tests.helpers import oracle, random_updates, rel
+from tests.helpers import fresh_initial, oracle, random_updates, rel, snapshot, unchanged
 
 NAMES = aggregators.available()
 SHAPES = {"enc.0.query": (24, 16), "enc.0.value": (24, 16), "enc.1.dense": (12, 20)}
 # rules whose global model reproduces the exact weighted average of the clients' products
 EXACT_EFFECTIVE = {"flexlora": {}, "flora": {}, "fedex": {}, "glora": {"server_rank": 64}}
-
-
-def _initial(rank: int = 4) -> dict[str, LoRAFactors]:
-    out = {}
-    for i, (m, (d, k)) in enumerate(SHAPES.items()):
-        A, B = fresh_factors(d, k, rank, seed=i, dtype=torch.float64)
-        out[m] = LoRAFactors(A=A, B=B)
-    return out
 
 
 def _round_from(
@@ -50,7 +41,7 @@ def _round_from(
 @pytest.mark.parametrize("name", NAMES)
 def test_two_round_protocol_from_initial_state(name):
     agg = aggregators.build(name)
-    state = agg.init_state(_initial(4))
+    state = agg.init_state(fresh_initial(4, SHAPES, seed=0))
     assert state.round == 0 and state.method == name
     for rnd in (1, 2):
         plan = agg.client_plan(rnd)
@@ -82,14 +73,12 @@ def test_client_order_does_not_matter(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_in_float32_out_and_inputs_untouched(name):
     ups = random_updates([3, 3], SHAPES, dtype=torch.float32)
-    before = [{m: (f.A.clone(), f.B.clone()) for m, f in u.factors.items()} for u in ups]
+    before = snapshot(ups)
     agg = aggregators.build(name)
     state = agg.aggregate(ups)
     for f in list(agg.readout(state).values()) + list(agg.readout(state, 2).values()):
         assert f.A.dtype == torch.float32 and f.B.dtype == torch.float32
-    for u, b in zip(ups, before):
-        for m, f in u.factors.items():
-            assert torch.equal(f.A, b[m][0]) and torch.equal(f.B, b[m][1])
+    assert unchanged(ups, before)
 
 
 @pytest.mark.parametrize("name", sorted(EXACT_EFFECTIVE))

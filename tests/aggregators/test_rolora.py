@@ -8,16 +8,18 @@ import torch
 from glora import aggregators
 from glora.aggregators.rolora import RoLoRA
 from glora.types import ClientPlan, ClientUpdate, InvalidUpdate, LoRAFactors, UnsupportedRanks
-from tests.aggregators.helpers_baselines1 import (
+from tests.helpers import (
+    TWIN,
     assert_close,
     bad_update,
-    dense,
-    initial_adapter,
-    make_updates,
+    fresh_initial,
     oracle,
+    products,
+    random_updates,
     snapshot,
     states_equal,
     unchanged,
+    weights_of,
 )
 
 
@@ -51,29 +53,31 @@ def _shared(state_or_init, agg=None, factor="A"):
 
 def test_two_rounds_exact_with_shared_frozen_factor():
     agg = aggregators.build("rolora")
-    init = initial_adapter(4)
+    init = fresh_initial(4, TWIN)
     agg.init_state(init)
     # round 1: train B, A frozen at the initial A
-    ups1 = make_updates([4, 4, 4], shared_A=_shared(init))
+    ups1 = random_updates([4, 4, 4], TWIN, weights="random", shared_A=_shared(init))
     s1 = agg.aggregate(ups1)
-    assert_close(dense(agg.readout(s1)), oracle(ups1))
+    assert_close(products(agg.readout(s1)), oracle(ups1))
     for m in s1.tensors:
         assert torch.equal(s1.tensors[m]["A"], init[m].A)
     # round 2: train A, B frozen at the round-1 average
-    ups2 = make_updates([4, 4, 4], seed=5, shared_B=_shared(s1, agg, "B"))
+    ups2 = random_updates([4, 4, 4], TWIN, weights="random", seed=5, shared_B=_shared(s1, agg, "B"))
     s2 = agg.aggregate(ups2)
-    assert_close(dense(agg.readout(s2)), oracle(ups2))
+    assert_close(products(agg.readout(s2)), oracle(ups2))
     for m in s2.tensors:
         assert torch.equal(s2.tensors[m]["B"], s1.tensors[m]["B"])
 
 
 def test_reads_only_trained_factor():
-    init = initial_adapter(4)
+    init = fresh_initial(4, TWIN)
     a, b = aggregators.build("rolora"), aggregators.build("rolora")
     a.init_state(init)
     b.init_state(init)
-    ups = make_updates([4, 4])
-    other = make_updates([4, 4], seed=3)  # round 1 trains B: the A's must not matter
+    ups = random_updates([4, 4], TWIN, weights="random")
+    other = random_updates(
+        [4, 4], TWIN, weights="random", seed=3
+    )  # round 1 trains B: the A's must not matter
     mixed = [
         ClientUpdate(
             u.client_id,
@@ -86,16 +90,16 @@ def test_reads_only_trained_factor():
 
 
 def test_without_prev_uses_average_frozen():
-    ups = make_updates([3, 3])
+    ups = random_updates([3, 3], TWIN, weights="random")
     state = aggregators.build("rolora").aggregate(ups)
-    p = [u.weight / sum(v.weight for v in ups) for u in ups]
+    p = weights_of(ups)
     for m in state.tensors:
         A_bar = sum(p[i] * u.factors[m].A for i, u in enumerate(ups))
         torch.testing.assert_close(state.tensors[m]["A"], A_bar)
 
 
 def test_order_one_client_dtype_and_no_mutation():
-    ups = make_updates([3, 3, 3])
+    ups = random_updates([3, 3, 3], TWIN, weights="random")
     snap = snapshot(ups)
     s1 = aggregators.build("rolora").aggregate(ups)
     s2 = aggregators.build("rolora").aggregate(ups[::-1])
@@ -103,18 +107,20 @@ def test_order_one_client_dtype_and_no_mutation():
     for m in s1.tensors:
         for n in ("A", "B"):
             torch.testing.assert_close(s1.tensors[m][n], s2.tensors[m][n])
-    one = make_updates([3])
+    one = random_updates([3], TWIN, weights="random")
     s = aggregators.build("rolora").aggregate(one)
     for m in s.tensors:
         torch.testing.assert_close(s.tensors[m]["B"], one[0].factors[m].B)
         torch.testing.assert_close(s.tensors[m]["A"], one[0].factors[m].A)
-    s32 = aggregators.build("rolora").aggregate(make_updates([3, 3], dtype=torch.float32))
+    s32 = aggregators.build("rolora").aggregate(
+        random_updates([3, 3], TWIN, weights="random", dtype=torch.float32)
+    )
     assert all(t.dtype == torch.float32 for n in s32.tensors.values() for t in n.values())
 
 
 def test_mixed_ranks_need_pad():
-    init = initial_adapter(6)
-    ups = make_updates([2, 4], shared_A=_shared(init))
+    init = fresh_initial(6, TWIN)
+    ups = random_updates([2, 4], TWIN, weights="random", shared_A=_shared(init))
     with pytest.raises(UnsupportedRanks):
         aggregators.build("rolora").aggregate(ups)
     agg = aggregators.build("rolora", pad=True)
@@ -122,19 +128,19 @@ def test_mixed_ranks_need_pad():
     state = agg.aggregate(ups)
     assert state.tensors["layer.0.q"]["B"].shape[1] == 4
     assert torch.equal(state.tensors["layer.0.q"]["A"], init["layer.0.q"].A[:4])
-    assert_close(dense(agg.readout(state)), oracle(ups))
+    assert_close(products(agg.readout(state)), oracle(ups))
     assert agg.readout(state, 2)["layer.0.q"].rank == 2
 
 
 def test_invalid_update_leaves_state():
     agg = aggregators.build("rolora")
-    agg.init_state(initial_adapter(3))
+    agg.init_state(fresh_initial(3, TWIN))
     before = agg.state
     with pytest.raises(InvalidUpdate):
-        agg.aggregate(bad_update(make_updates([3, 3])))
+        agg.aggregate(bad_update(random_updates([3, 3], TWIN, weights="random")))
     assert agg.state is before
     # the round counter did not advance: the next valid round still trains B
-    ups = make_updates([3, 3], shared_A=_shared(initial_adapter(3)))
+    ups = random_updates([3, 3], TWIN, weights="random", shared_A=_shared(fresh_initial(3, TWIN)))
     s = agg.aggregate(ups)
     assert s.round == 1
-    assert_close(dense(agg.readout(s)), oracle(ups))
+    assert_close(products(agg.readout(s)), oracle(ups))
