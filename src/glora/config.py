@@ -271,6 +271,17 @@ class RunConfig(_Section):
             steps *= self.federation.participants_per_round()
         return 1, [max(ranks)], 1.0, steps
 
+    def with_resolved_paths(self) -> RunConfig:
+        """This config with a relative ``data.dir`` resolved against the current directory.
+
+        For processes that run elsewhere (Flower's ServerApp and ClientApps) but must read the
+        same data as the user who started them.
+        """
+        if self.data.dir is None:
+            return self
+        data_dir = str(Path(self.data.dir).expanduser().resolve())
+        return self.model_copy(update={"data": self.data.model_copy(update={"dir": data_dir})})
+
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (method options inline)."""
         return self.model_dump(mode="json")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from glora.config import load_config
@@ -19,6 +20,13 @@ from glora.peft_io import load_adapter
 pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).parent / "data" / "tiny.yaml"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _from_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from the checkout root, as a user would: tiny.yaml's data.dir is ../shared/... ."""
+    monkeypatch.chdir(REPO)
 
 
 @pytest.fixture(autouse=True)
@@ -29,10 +37,18 @@ def _offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _config(tmp_path: Path, **training: object) -> Path:
+def _config(tmp_path: Path, *, resolved: bool = True) -> Path:
+    """tiny.yaml with its output in tmp_path.
+
+    ``resolved``: data.dir made absolute, as processes started by LocalFederation directly need
+    (they run in their own directory); ``glora flower run`` resolves a relative one itself.
+    """
     text = TINY.read_text().replace("output: {dir: runs}", f"output: {{dir: {tmp_path / 'runs'}}}")
     p = tmp_path / "tiny.yaml"
     p.write_text(text)
+    if resolved:
+        cfg = load_config(p).with_resolved_paths()
+        p.write_text(yaml.safe_dump(cfg.to_yaml_dict()))
     return p
 
 
@@ -52,7 +68,7 @@ def test_flower_deployment_equals_glora_run(tmp_path: Path) -> None:
     from glora.cli.flower import register
     from glora.sim import run_experiment
 
-    cfg_path = _config(tmp_path)
+    cfg_path = _config(tmp_path, resolved=False)  # relative data.dir, as in the README
     cfg = load_config(cfg_path)
     ref = cfg.model_copy(update={"name": "reference"})
     run_experiment(ref)

@@ -16,6 +16,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).parent / "data" / "tiny.yaml"
+GLUE = (
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
+)  # ../shared next to the checkout
 
 
 def _glora_cmd() -> list[str]:
@@ -73,7 +76,11 @@ def _kill_all(workdirs: list[Path]) -> None:
 def test_superlink_killed_then_resume(tmp_path: Path) -> None:
     """Kill the SuperLink after round 1's checkpoint: the launcher stops every process and
     exits non-zero; `--resume` completes rounds 2..3 and metrics.jsonl has 1..3 once each."""
-    text = TINY.read_text().replace("output: {dir: runs}", f"output: {{dir: {tmp_path / 'runs'}}}")
+    text = (
+        TINY.read_text()
+        .replace("output: {dir: runs}", f"output: {{dir: {tmp_path / 'runs'}}}")
+        .replace("../shared/data/glue", str(GLUE))
+    )
     text = text.replace("rounds: 2", "rounds: 3")
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(text)

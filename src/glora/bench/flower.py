@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="glora-bench-flower-"))
     os.environ["FLWR_HOME"] = str(work / "flwr-home")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config).with_resolved_paths()  # Flower processes run elsewhere
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(work)})})
     local = cfg.model_copy(update={"name": "inprocess"})
     t0 = time.perf_counter()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
 __all__ = ["register", "run"]
 
@@ -77,13 +79,17 @@ def run(
         elif config is None:
             raise ConfigError("give a CONFIG.yaml (or --resume RUN_DIR)")
         else:
-            config_path = Path(config).resolve()
-            cfg = load_config(config_path)
+            cfg = load_config(Path(config).resolve())
             if RunDir(cfg.run_dir).holds_run() and not overwrite:
                 raise RunDirError(
                     f"{str(cfg.run_dir)!r} already holds a run; pass --overwrite to replace it, "
                     "--resume to continue it, or choose another name"
                 )
+            # Flower's processes run in their own working directory: hand them a copy of the
+            # config whose data.dir is resolved against the user's current directory.
+            cfg = cfg.with_resolved_paths()
+            config_path = Path(tempfile.mkdtemp(prefix="glora-flower-config-")) / "config.yaml"
+            config_path.write_text(yaml.safe_dump(cfg.to_yaml_dict()), encoding="utf-8")
         if (tls or auth) and runtime == "simulation":
             raise ConfigError("--tls/--auth apply to the deployment runtime only")
         n = supernodes or cfg.effective_federation()[0]
