@@ -131,3 +131,19 @@ def test_cli_compare_lists_unsupported(tmp_path):
 
 def test_method_spec_label():
     assert MethodSpec("fedit (zero-pad)", "fedit", padded=True).slug == "fedit_zero-pad"
+
+
+def test_report_reads_runs_kept_outside_the_report_dir(tmp_path, monkeypatch):
+    """Runs under another directory (as scripts/experiments.py keeps them) still fill the table."""
+    _require_data()
+    monkeypatch.chdir(tmp_path)  # a run directory given relative to the current directory
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out = tmp_path / "docs" / "report"
+    run_compare(cfg, "glora", [0], out, log=None, runs_dir="runs/elsewhere")
+    assert (tmp_path / "runs" / "elsewhere").is_dir()
+    row = next(csv.DictReader((out / "table.csv").open()))
+    assert 0.0 <= float(row["final_mean"]) <= 1.0
+    write_report(out)  # rebuilt from status.json alone
+    row = next(csv.DictReader((out / "table.csv").open()))
+    assert 0.0 <= float(row["final_mean"]) <= 1.0

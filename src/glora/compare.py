@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -309,9 +310,9 @@ def run_compare(
                 say(f"[{spec.label} seed {seed}] unsupported: {exc}")
                 continue
             run_dir = cfg.run_dir
-            o.run_dir = (
-                str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
-            )
+            # relative to the report directory (which is where write_report resolves it), also
+            # when the runs live elsewhere (e.g. runs/experiments/ beside docs/results/)
+            o.run_dir = os.path.relpath(run_dir.resolve(), out.resolve())
             prev = previous.get(f"{spec.label}|{seed}", {})
             if _finished(run_dir, cfg.training.rounds):
                 if not resume:
