@@ -445,19 +445,35 @@ class LocalFederation:
         try:
             while True:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    return proc.popen.wait(poll)
-                link = self.superlink
-                if link is not None and link.popen.poll() is not None:
-                    # flwr run (and the ServerApp) may wait forever for a dead SuperLink
-                    raise SuperLinkDied(
-                        f"flower-superlink died (exit code {link.popen.returncode}) during the "
-                        "run; every Flower process was stopped. Continue from the last "
-                        "checkpoint with `glora flower run --resume RUN_DIR`"
-                    )
+                    rc = proc.popen.wait(poll)
+                    # flwr run may fail first when the SuperLink dies: name the real cause
+                    if rc != 0 and self._superlink_exit(grace=2.0) is not None:
+                        raise self._superlink_died()
+                    return rc
+                # flwr run (and the ServerApp) may also wait forever for a dead SuperLink
+                if self._superlink_exit(grace=0.0) is not None:
+                    raise self._superlink_died()
                 if deadline is not None and time.monotonic() > deadline:
                     raise FederationError(f"flwr run did not finish within {timeout} s")
         finally:
             _kill_group(proc.popen, grace=2.0)
+
+    def _superlink_exit(self, *, grace: float) -> int | None:
+        """The SuperLink's exit code once it has exited (waiting up to ``grace`` s), else None."""
+        link = self.superlink
+        if link is None:
+            return None
+        try:
+            return link.popen.wait(grace) if grace > 0 else link.popen.poll()
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _superlink_died(self) -> SuperLinkDied:
+        code = self.superlink.popen.returncode if self.superlink is not None else None
+        return SuperLinkDied(
+            f"flower-superlink died (exit code {code}) during the run; every Flower process was "
+            "stopped. Continue from the last checkpoint with `glora flower run --resume RUN_DIR`"
+        )
 
     def kill_supernode(self, i: int) -> None:
         """Kill SuperNode ``i``'s whole process group (fault injection)."""
