@@ -36,7 +36,7 @@ from glora.types import (
 )
 from glora.validation import DEFAULT_MAX_ABS, RoundInput, validate_updates
 
-__all__ = ["Aggregator", "fill_to_rank", "pad_factors", "weighted_sum"]
+__all__ = ["Aggregator", "fedavg_tensors", "fill_to_rank", "pad_factors", "weighted_sum"]
 
 
 def weighted_sum(tensors: Sequence[Tensor], p: Tensor) -> Tensor:
@@ -45,6 +45,23 @@ def weighted_sum(tensors: Sequence[Tensor], p: Tensor) -> Tensor:
     for i in range(1, len(tensors)):
         out = out + tensors[i] * p[i].to(tensors[i].dtype)
     return out
+
+
+def fedavg_tensors(
+    tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+) -> dict[str, Tensor]:
+    """FedAvg of named tensors (e.g. classification heads): ``Σ_i t_i · (w_i / Σ_j w_j)``.
+
+    Summed in the order given; the simulator and the Flower strategy both call this, so their
+    heads agree bit for bit. Empty input gives an empty dict.
+    """
+    if not tensors or not tensors[0]:
+        return {}
+    total = sum(float(w) for w in weights)
+    return {
+        k: sum(t[k] * (float(w) / total) for t, w in zip(tensors, weights))  # type: ignore[misc]
+        for k in tensors[0]
+    }
 
 
 def pad_factors(factors: Sequence[LoRAFactors], rank: int) -> list[LoRAFactors]:

@@ -11,6 +11,6 @@
 
 from __future__ import annotations
 
-from glora.flower.strategy import GLoRAStrategy, default_client_id, head_fedavg
+from glora.flower.strategy import GLoRAStrategy, default_client_id
 
-__all__ = ["GLoRAStrategy", "default_client_id", "head_fedavg"]
+__all__ = ["GLoRAStrategy", "default_client_id"]

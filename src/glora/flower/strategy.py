@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor
 
-from glora.aggregators.base import Aggregator
+from glora.aggregators.base import Aggregator, fedavg_tensors
 from glora.data.partition import sample_participants
 from glora.flower.codec import (
     FACTOR_NAMES,
@@ -57,7 +57,7 @@ from glora.sim.rundir import Checkpoint, RunDir
 from glora.types import ClientUpdate, InvalidUpdate, LoRAFactors, ServerState
 from glora.validation import validate_updates
 
-__all__ = ["GLoRAStrategy", "default_client_id", "head_fedavg"]
+__all__ = ["GLoRAStrategy", "default_client_id"]
 
 log = logging.getLogger("glora.flower")
 
@@ -70,19 +70,6 @@ REPLY_METRICS = ("partition-id", "num-examples", "train_loss", "rank")
 def default_client_id(partition_id: int) -> str:
     """The client id of a partition, as the in-process simulator names it (``"0"``, ``"1"``…)."""
     return str(partition_id)
-
-
-def head_fedavg(
-    heads: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
-) -> dict[str, Tensor]:
-    """FedAvg of head tensors, ``Σ_i h_i · (w_i / Σ_j w_j)``, in the simulator's exact order."""
-    if not heads or not heads[0]:
-        return {}
-    total = sum(float(w) for w in weights)
-    return {
-        k: sum(h[k] * (float(w) / total) for h, w in zip(heads, weights))  # type: ignore[misc]
-        for k in heads[0]
-    }
 
 
 @dataclass
@@ -504,7 +491,9 @@ class GLoRAStrategy(Strategy):
                 error = f"aggregation rejected the round: {exc}"
             else:
                 if self.head_policy == "fedavg" and self.head:
-                    self.head = head_fedavg([u.extra for u in updates], [u.weight for u in updates])
+                    self.head = fedavg_tensors(
+                        [u.extra for u in updates], [u.weight for u in updates]
+                    )
                 if self.aggregator.client_plan(server_round).local:
                     self._has_local.update(pids)
             record["server_seconds"] = time.perf_counter() - s0

@@ -33,7 +33,7 @@ from rich.progress import Progress, TaskID
 from torch import Tensor
 
 from glora import aggregators
-from glora.aggregators.base import Aggregator
+from glora.aggregators.base import Aggregator, fedavg_tensors
 from glora.config import RunConfig
 from glora.data.partition import sample_participants
 from glora.linalg import derive_seed, fresh_factors
@@ -409,12 +409,9 @@ class Simulation:
             self._log(f"[red]round {t}: no valid client update; the state is unchanged[/red]")
         server_seconds = time.perf_counter() - s0
         if aggregation_error is None and self._train_head:
-            heads = [(outcomes[u.client_id].head, u.weight) for u in kept]
-            total = sum(w for _, w in heads)
-            self.head = {
-                k: sum(h[k] * (w / total) for h, w in heads)  # type: ignore[misc]
-                for k in self.head
-            }
+            self.head = fedavg_tensors(
+                [outcomes[u.client_id].head for u in kept], [u.weight for u in kept]
+            )
         self.round = t
         record: dict[str, Any] = {
             "round": t,
