@@ -52,8 +52,7 @@ from glora.flower.codec import (
     encode_factors,
     encode_tensors,
 )
-from glora.sim.engine import jsonable
-from glora.sim.rundir import Checkpoint, RunDir
+from glora.sim.rundir import Checkpoint, RunDir, jsonable
 from glora.types import ClientUpdate, InvalidUpdate, LoRAFactors, ServerState
 from glora.validation import validate_updates
 
@@ -600,7 +599,7 @@ class GLoRAStrategy(Strategy):
         self.history.append(record)
         if self.run_dir is not None:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            self.run_dir.append_metrics(jsonable(record, max_list=10_000))
+            self.run_dir.append_metrics(record)
         return record
 
     def start(  # type: ignore[override]

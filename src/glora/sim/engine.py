@@ -39,12 +39,12 @@ from glora.data.partition import sample_participants
 from glora.linalg import derive_seed, fresh_factors
 from glora.sim.client import LocalResult, LossHook, train_local
 from glora.sim.model import AdapterModel
-from glora.sim.rundir import Checkpoint, RunDir, tensor_bytes
+from glora.sim.rundir import Checkpoint, RunDir, jsonable, tensor_bytes
 from glora.tasks import Task, build_task
 from glora.types import ClientUpdate, InvalidUpdate, LoRAFactors, ServerState
 from glora.validation import validate_updates
 
-__all__ = ["ClientStore", "Simulation", "jsonable", "resolve_device"]
+__all__ = ["ClientStore", "Simulation", "resolve_device"]
 
 
 def resolve_device(config: RunConfig) -> torch.device:
@@ -57,29 +57,6 @@ def resolve_device(config: RunConfig) -> torch.device:
     threads = config.training.num_threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
     return torch.device("cpu")
-
-
-def jsonable(x: Any, *, max_list: int = 64) -> Any:
-    """A JSON-able copy of ``x`` (tensors → lists, long lists trimmed, NaN kept)."""
-    if isinstance(x, Tensor):
-        x = x.detach().cpu()
-        return x.item() if x.numel() == 1 else jsonable(x.tolist(), max_list=max_list)
-    if isinstance(x, Mapping):
-        return {str(k): jsonable(v, max_list=max_list) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set, frozenset)):
-        items = list(x)
-        out = [jsonable(v, max_list=max_list) for v in items[:max_list]]
-        if len(items) > max_list:
-            out.append(f"... {len(items) - max_list} more")
-        return out
-    if isinstance(x, (bool, int, str)) or x is None:
-        return x
-    if isinstance(x, float):
-        return x
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
 
 
 @dataclass
@@ -560,7 +537,7 @@ class Simulation:
             record = self.run_round(t, clients_task, steps_task)
             self.history.append(record)
             if self.run_dir is not None:
-                self.run_dir.append_metrics(jsonable(record, max_list=10_000))
+                self.run_dir.append_metrics(record)
                 if t % tr.checkpoint_every == 0 or t == tr.rounds:
                     self.run_dir.save_checkpoint(self.checkpoint())
             if on_round is not None:

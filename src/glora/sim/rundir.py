@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -125,15 +126,30 @@ class Checkpoint:
         self.client_meta = client_meta
 
 
-def _finite(x: Any) -> Any:
-    """``x`` with every non-finite float replaced by None (recursively through dicts and lists)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+def jsonable(x: Any, *, max_list: int = 64, finite: bool = False) -> Any:
+    """A JSON-able copy of ``x``: tensors → numbers or lists, long lists trimmed to ``max_list``.
+
+    With ``finite`` a NaN or infinite number becomes None (strict JSON); otherwise it is kept.
+    """
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        x = x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v, max_list=max_list, finite=finite) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        items = list(x)
+        out = [jsonable(v, max_list=max_list, finite=finite) for v in items[:max_list]]
+        if len(items) > max_list:
+            out.append(f"... {len(items) - max_list} more")
+        return out
+    if isinstance(x, (bool, int, str)) or x is None:
+        return x
+    if not isinstance(x, float):
+        try:
+            x = float(x)
+        except (TypeError, ValueError):
+            return str(x)
+    return None if finite and not math.isfinite(x) else x
 
 
 class RunDir:
@@ -233,7 +249,8 @@ class RunDir:
         written as ``null``.
         """
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+            f.write(json.dumps(jsonable(record, max_list=10_000, finite=True), allow_nan=False))
+            f.write("\n")
             f.flush()
             os.fsync(f.fileno())
 
