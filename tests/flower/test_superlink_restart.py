@@ -43,20 +43,24 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _flower_procs(workdirs: list[Path]) -> dict[int, str]:
-    """``{pid: args}`` of the live flower/flwr processes started in one of ``workdirs``."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    """``{pid: args}`` of the live flower/flwr processes started in one of ``workdirs``.
+
+    Reads ``/proc`` directly: ``ps`` cuts its output at 80 columns when it is not writing to a
+    terminal, which hides ``flower-superlink`` behind a long venv path."""
     roots = [str(w.resolve()) for w in workdirs]
     found = {}
-    for line in out.splitlines():
-        pid_text, _, args = line.strip().partition(" ")
-        if "flower-" not in args and "flwr" not in args:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
             continue
         try:
-            cwd = os.readlink(f"/proc/{pid_text}/cwd")
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            cwd = os.readlink(proc / "cwd")
         except OSError:
             continue  # gone, or not ours
+        if "flower-" not in args and "flwr" not in args:
+            continue
         if any(cwd == r or cwd.startswith(r + os.sep) for r in roots):
-            found[int(pid_text)] = args
+            found[int(proc.name)] = args
     return found
 
 
