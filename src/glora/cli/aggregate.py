@@ -271,7 +271,7 @@ def aggregate_adapters(
     result = {m: f.to(dtype) for m, f in sorted(result.items())}
 
     if merge_into is not None:
-        _merge_into(
+        with_tokenizer = _merge_into(
             merge_into,
             out,
             result,
@@ -282,7 +282,7 @@ def aggregate_adapters(
             extra_tensors=extra,
             modules_to_save=ref.modules_to_save,
         )
-        written = "merged model"
+        written = "merged model" + (" and the base's tokenizer" if with_tokenizer else "")
     else:
         try:
             save_adapter(
@@ -330,8 +330,12 @@ def _merge_into(
     fan_in_fan_out: bool,
     extra_tensors: Mapping[str, Tensor],
     modules_to_save: list[str] | None,
-) -> None:
-    """Write ``base`` + the update as a merged full model (PEFT's ``merge_and_unload``)."""
+) -> bool:
+    """Write ``base`` + the update as a merged full model (PEFT's ``merge_and_unload``).
+
+    The base's tokenizer, when ``base`` has one, is saved beside the model so the output loads
+    like any checkpoint. Returns whether a tokenizer was written.
+    """
     import transformers
     from peft import PeftModel
 
@@ -359,6 +363,7 @@ def _merge_into(
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    tokenizer = None
     try:
         save_adapter(
             work / "adapter",
@@ -373,6 +378,9 @@ def _merge_into(
         peft_model = PeftModel.from_pretrained(model, str(work / "adapter"))
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(str(work / "model"))
+        tokenizer = _base_tokenizer(base)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(work / "model"))
         os.replace(work / "model", out)
     except UsageError:
         raise
@@ -380,6 +388,26 @@ def _merge_into(
         raise UsageError(f"cannot merge into {base!r}: {exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return tokenizer is not None
+
+
+def _base_tokenizer(base: str) -> Any:
+    """The tokenizer stored with ``base``, or None when it has none (a weights-only folder).
+
+    A local folder must hold ``tokenizer_config.json`` or ``tokenizer.json``: given neither,
+    transformers may build an empty tokenizer from the model config, which is not the base's.
+    """
+    from transformers import AutoTokenizer
+
+    local = Path(base)
+    if local.is_dir() and not any(
+        (local / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")
+    ):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except Exception:  # no tokenizer files: transformers raises OSError/ValueError/TypeError
+        return None
 
 
 # ---------------------------------------------------------------------------- inspect
