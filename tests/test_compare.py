@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,16 @@ def test_compare_tiny_report_and_resume(tmp_path):
         ("fedit", 0): "unsupported",
         ("fedit", 1): "unsupported",
     }
-    for name in ("table.csv", "table.md", "cost.csv", "cost.md", "report.md", "status.json"):
+    for name in (
+        "table.csv",
+        "table.md",
+        "cost.csv",
+        "cost.md",
+        "report.md",
+        "status.json",
+        "per_seed.csv",
+        "paired.csv",
+    ):
         assert (out / name).is_file(), name
     assert (out / "accuracy_vs_round.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
@@ -147,3 +158,63 @@ def test_report_reads_runs_kept_outside_the_report_dir(tmp_path, monkeypatch):
     write_report(out)  # rebuilt from status.json alone
     row = next(csv.DictReader((out / "table.csv").open()))
     assert 0.0 <= float(row["final_mean"]) <= 1.0
+
+
+def test_paired_differences_pair_by_seed():
+    from glora.compare import paired_differences
+
+    finals = {
+        "glora": {0: 0.70, 1: 0.60, 2: 0.80},
+        "fedit": {0: 0.75, 1: 0.50, 2: 0.90},
+        "x": {5: 1},
+    }
+    rows = {r["method"]: r for r in paired_differences(finals, "glora")}
+    assert set(rows) == {"fedit", "x"}
+    f = rows["fedit"]
+    assert f["seeds"] == 3 and f["better"] == 2
+    assert f["diff_mean"] == pytest.approx((0.05 - 0.10 + 0.10) / 3)
+    assert f["diff_std"] == pytest.approx(statistics.stdev([0.05, -0.10, 0.10]))
+    assert rows["x"]["seeds"] == 0 and math.isnan(rows["x"]["diff_mean"])
+    low = paired_differences(finals, "glora", higher_is_better=False)
+    assert next(r for r in low if r["method"] == "fedit")["better"] == 1
+
+
+def test_report_per_seed_and_paired_from_run_records(tmp_path):
+    """The report reads each run's metrics.jsonl: per-seed finals/bests/curves and the paired
+    differences against the reference are computed from them exactly."""
+    from glora.compare import RunOutcome
+
+    series = {
+        ("glora", 0): [0.5, 0.7],
+        ("glora", 1): [0.6, 0.65],
+        ("fedit", 0): [0.55, 0.6],
+        ("fedit", 1): [0.7, 0.75],
+    }
+    outcomes = []
+    for (label, seed), accs in series.items():
+        run = tmp_path / "runs" / f"{label}-seed{seed}"
+        run.mkdir(parents=True)
+        lines = [
+            json.dumps({"round": i + 1, "metrics": {"accuracy": a}, "bytes_up": 10})
+            for i, a in enumerate(accs)
+        ]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        outcomes.append(RunOutcome(label, label, seed, "done", run_dir=f"runs/{run.name}"))
+    write_report(tmp_path, outcomes, base={"data": {"task": "sst2"}}, metric="accuracy")
+    rows = list(csv.DictReader((tmp_path / "per_seed.csv").open()))
+    assert [(r["method"], r["seed"], float(r["final"]), float(r["best"])) for r in rows] == [
+        ("glora", "0", 0.7, 0.7),
+        ("glora", "1", 0.65, 0.65),
+        ("fedit", "0", 0.6, 0.6),
+        ("fedit", "1", 0.75, 0.75),
+    ]
+    assert json.loads(rows[0]["curve"]) == {"1": 0.5, "2": 0.7}
+    (paired,) = list(csv.DictReader((tmp_path / "paired.csv").open()))
+    assert paired["method"] == "fedit" and paired["reference"] == "glora"
+    assert float(paired["diff_mean"]) == pytest.approx((-0.1 + 0.1) / 2)
+    assert paired["better"] == "1" and paired["seeds"] == "2"
+    report = (tmp_path / "report.md").read_text()
+    assert "Paired by seed" in report and "1/2" in report
+    write_report(tmp_path, outcomes, base={}, metric="accuracy", reference="fedit")
+    (paired,) = list(csv.DictReader((tmp_path / "paired.csv").open()))
+    assert paired["method"] == "glora" and paired["reference"] == "fedit"

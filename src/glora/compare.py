@@ -6,6 +6,10 @@ for one seed every method sees the same data splits, client ranks and client sam
 
 * ``table.csv`` / ``table.md``: final and best primary metric, mean ± std over seeds, per method;
 * ``cost.csv`` / ``cost.md``: bytes up/down per round and server seconds per round;
+* ``per_seed.csv``: every run's final and best metric and its metric-per-round curve;
+* ``paired.csv``: per method, the seed-paired difference of its final metric from the reference
+  method's (GLoRA when it ran; the runs of one seed share splits, ranks and sampling, so the
+  paired difference removes the seed's own variance), mean ± std and the seeds it was better on;
 * ``<metric>_vs_round.png``: one line per method (mean over seeds), band = ± one std;
 * ``status.json``: every run's status (done, unsupported with the reason, failed) and wall time;
 * ``report.md``: ties them together.
@@ -267,6 +271,7 @@ def run_compare(
     metric: str | None = None,
     log: Callable[[str], None] | None = print,
     runs_dir: str | Path | None = None,
+    reference: str | None = None,
 ) -> list[RunOutcome]:
     """Run every method × seed (skipping finished runs with ``resume``) and write the report.
 
@@ -282,6 +287,7 @@ def run_compare(
         runner: ``runner(config, resume)`` (default: the simulator).
         metric: the primary metric (default: from the records or the task).
         runs_dir: where the run directories go (default ``out/runs``; large: checkpoints).
+        reference: the method label of the report's paired differences (default: glora).
     """
     base = read_raw(config) if isinstance(config, (str, Path)) else dict(config)
     base = apply_overrides(base, overrides)
@@ -346,7 +352,7 @@ def run_compare(
                 say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
             _save_status(out, outcomes, meta)
     _save_status(out, outcomes, meta)
-    write_report(out, outcomes, base=base, metric=metric)
+    write_report(out, outcomes, base=base, metric=metric, reference=reference)
     return outcomes
 
 
@@ -411,14 +417,60 @@ def _num(x: float, fmt: str = ".4g") -> str:
     return "–" if math.isnan(x) else format(x, fmt)
 
 
+def paired_differences(
+    finals: Mapping[str, Mapping[int, float]],
+    reference: str,
+    *,
+    higher_is_better: bool = True,
+) -> list[dict[str, Any]]:
+    """Seed-paired differences of each method's final metric from ``reference``'s.
+
+    Args:
+        finals: ``{label: {seed: final metric}}`` of the finished runs.
+        reference: the label every other method is compared with.
+        higher_is_better: direction of the metric (decides which seeds count as "better").
+
+    Returns:
+        One row per other label: ``method``, ``reference``, ``seeds`` (seeds both finished),
+        ``diff_mean`` / ``diff_std`` of ``final(method) − final(reference)`` over those seeds
+        (sample std; NaN without seeds) and ``better`` (seeds where the method beat the
+        reference; ties count for neither).
+    """
+    ref = finals.get(reference, {})
+    rows = []
+    for label, by_seed in finals.items():
+        if label == reference:
+            continue
+        seeds = sorted(set(by_seed) & set(ref))
+        diffs = [by_seed[s] - ref[s] for s in seeds]
+        m, sd = _mean_std(diffs)
+        better = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
+        rows.append(
+            {
+                "method": label,
+                "reference": reference,
+                "seeds": len(seeds),
+                "diff_mean": m,
+                "diff_std": sd,
+                "better": better,
+            }
+        )
+    return rows
+
+
 def write_report(
     out: str | Path,
     outcomes: Sequence[RunOutcome] | None = None,
     *,
     base: Mapping[str, Any] | None = None,
     metric: str | None = None,
+    reference: str | None = None,
 ) -> Path:
-    """Write the report files of a comparison directory (from ``status.json`` when no outcomes)."""
+    """Write the report files of a comparison directory (from ``status.json`` when no outcomes).
+
+    ``reference`` is the label the paired differences are taken against (default: ``glora``
+    when it is one of the methods, else the first method).
+    """
     out = Path(out)
     status = (
         json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
@@ -439,6 +491,8 @@ def write_report(
 
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[int, list[float]]] = {}
+    per_seed: list[dict[str, Any]] = []
+    finals_by: dict[str, dict[int, float]] = {}
     for label in labels:
         runs = [o for o in outcomes if o.label == label]
         done = [o for o in runs if o.status == "done"]
@@ -449,6 +503,16 @@ def write_report(
             if s:
                 finals.append(s[max(s)])
                 bests.append(better(s.values()))
+                finals_by.setdefault(label, {})[o.seed] = s[max(s)]
+                per_seed.append(
+                    {
+                        "method": label,
+                        "seed": o.seed,
+                        "final": s[max(s)],
+                        "best": bests[-1],
+                        "curve": json.dumps({str(k): v for k, v in sorted(s.items())}),
+                    }
+                )
                 for rnd, v in s.items():
                     curves.setdefault(label, {}).setdefault(rnd, []).append(v)
             up.append(_avg(recs, "bytes_up"))
@@ -503,6 +567,30 @@ def write_report(
         ]
     (out / "table.md").write_text("\n".join(table_md) + "\n", encoding="utf-8")
 
+    with open(out / "per_seed.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "final", "best", "curve"])
+        w.writeheader()
+        w.writerows(per_seed)
+    if reference is None:
+        reference = "glora" if "glora" in labels else (labels[0] if labels else "")
+    paired = paired_differences(finals_by, reference, higher_is_better=_higher_is_better(metric))
+    with open(out / "paired.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(
+            f, fieldnames=["method", "reference", "seeds", "diff_mean", "diff_std", "better"]
+        )
+        w.writeheader()
+        w.writerows(paired)
+    paired_md = [
+        f"| method | seeds | final {metric} − {reference}'s (mean ± std) "
+        f"| seeds better than {reference} |",
+        "|---|---|---|---|",
+    ]
+    for r in paired:
+        paired_md.append(
+            f"| {r['method']} | {r['seeds']} | {_pm(r['diff_mean'], r['diff_std'])} "
+            f"| {r['better']}/{r['seeds']} |"
+        )
+
     cost_fields = [
         "method",
         "bytes_up_per_round",
@@ -555,6 +643,13 @@ def write_report(
         "",
         f"![{metric} vs round]({plot.name})",
         "",
+        f"## Paired by seed: each method against `{reference}`",
+        "",
+        "One seed gives every method the same splits, ranks and client sampling, so the "
+        "per-seed difference of final metrics removes the seed's own variance.",
+        "",
+        *(paired_md if paired else [f"(no other method finished a seed that `{reference}` did)"]),
+        "",
         "## Communication and server cost (mean per round)",
         "",
         *cost_md,
@@ -571,7 +666,8 @@ def write_report(
     lines += [
         "## Files",
         "",
-        "`table.csv`/`table.md` (metric table), `cost.csv`/`cost.md` (cost), "
+        "`table.csv`/`table.md` (metric table), `per_seed.csv` (every run's final, best and "
+        "curve), `paired.csv` (seed-paired differences), `cost.csv`/`cost.md` (cost), "
         f"`{plot.name}` (curves), `status.json` (every run), "
         "`runs/<method>-seed<seed>/` (run dirs).",
         "",

@@ -38,6 +38,13 @@ def compare(
     metric: Annotated[
         str | None, typer.Option(help="Primary metric (default: the task's).")
     ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Method label the report's seed-paired differences are taken against "
+            "(default: glora if compared, else the first method)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Config override dotted.key=value (repeatable)."),
@@ -52,7 +59,7 @@ def compare(
 
     out_dir = out or Path("compare") / config.stem
     if report_only:
-        typer.echo(f"report: {write_report(out_dir, metric=metric)}")
+        typer.echo(f"report: {write_report(out_dir, metric=metric, reference=reference)}")
         return
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -72,6 +79,7 @@ def compare(
             overrides=set_ or [],
             metric=metric,
             log=typer.echo,
+            reference=reference,
         )
     except (ConfigError, ValueError, FileExistsError) as exc:
         typer.echo(f"error: {exc}", err=True)
