@@ -17,6 +17,7 @@ Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
         --participation 0.3 --seeds 0 --rounds 5 --local-steps 10 --max-train 2000
     python scripts/experiments.py grid ... --dry-run          # list the runs, run nothing
     python scripts/experiments.py dump-updates CONFIG --rounds 2 --out updates/  # for fidelity
+    python scripts/experiments.py summarize --results docs/results   # one table, all settings
 
 Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
 """
@@ -82,6 +83,7 @@ def base_config(args: argparse.Namespace, task: str, alpha: float, ranks: str, p
             "batch_size": args.batch_size,
             "lr": args.lr,
             "device": args.device,
+            "eval_every": args.eval_every,
         },
     }
 
@@ -168,6 +170,7 @@ def run_grid(args: argparse.Namespace, ablation: bool) -> int:
                         "wall_seconds_all_runs": round(run_wall, 1),
                         "rounds": args.rounds,
                         "local_steps": args.local_steps,
+                        "lr": args.lr,
                         "max_train": args.max_train,
                         "max_eval": args.max_eval,
                         "seeds": seeds,
@@ -200,6 +203,54 @@ def _write_index(results: Path, index: dict[str, Any]) -> None:
     (results / "index.md").write_text("\n".join(lines) + "\n")
 
 
+def summarize(args: argparse.Namespace) -> int:
+    """One table over every setting of a results directory: final metric per method (mean ± std
+    over seeds) and each method's seed-paired difference from GLoRA, from the settings'
+    ``table.csv`` and ``paired.csv``; written to ``<results>/summary.md`` and printed."""
+    import csv
+
+    results = Path(args.results)
+    settings = sorted(p.parent.name for p in results.glob("*/table.csv"))
+    if not settings:
+        raise SystemExit(f"no <setting>/table.csv under {results}: run the grid first")
+    finals: dict[str, dict[str, str]] = {}
+    paired: dict[str, dict[str, str]] = {}
+    for name in settings:
+        for r in csv.DictReader((results / name / "table.csv").open(encoding="utf-8")):
+            if int(r["seeds_done"]):
+                cell = f"{float(r['final_mean']):.3f} ± {float(r['final_std']):.3f}"
+                finals.setdefault(r["method"], {})[name] = f"{cell} ({r['seeds_done']})"
+        p = results / name / "paired.csv"
+        for r in csv.DictReader(p.open(encoding="utf-8")) if p.is_file() else []:
+            if int(r["seeds"]):
+                cell = f"{float(r['diff_mean']):+.3f} ± {float(r['diff_std']):.3f}"
+                paired.setdefault(r["method"], {})[name] = f"{cell} ({r['better']}/{r['seeds']})"
+
+    def table(rows: dict[str, dict[str, str]]) -> list[str]:
+        out = ["| method | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
+        for method, cells in rows.items():
+            out.append(f"| {method} | " + " | ".join(cells.get(n, "–") for n in settings) + " |")
+        return out
+
+    lines = [
+        f"# Summary of {results}",
+        "",
+        "Final primary metric, mean ± std over seeds (number of seeds):",
+        "",
+        *table(finals),
+        "",
+        "Seed-paired difference of the final metric from the reference method of each setting "
+        "(GLoRA, or GLoRA at R = r_max in an ablation): mean ± std (seeds better / seeds):",
+        "",
+        *table(paired),
+        "",
+    ]
+    text = "\n".join(lines)
+    (results / "summary.md").write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
 def dump_updates(args: argparse.Namespace) -> int:
     """Run one config with the simulator and save the given rounds' client updates."""
     from glora.bench.fidelity import capture_updates
@@ -229,6 +280,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N rounds (+ last)")
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--model", default="minilm")
@@ -253,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = sub.add_parser("ablation", help="GLoRA server-rank ablation")
     _grid_options(a)
     a.add_argument("--server-ranks", default="max,2x,sum,auto")
+    s = sub.add_parser("summarize", help="one table over every setting of a results directory")
+    s.add_argument("--results", default="docs/results", help="the grid's --results directory")
     d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
     d.add_argument("config")
     d.add_argument("--rounds", default="", help="rounds to save (default: all)")
@@ -261,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "dump-updates":
         return dump_updates(args)
+    if args.command == "summarize":
+        return summarize(args)
     return run_grid(args, ablation=args.command == "ablation")
 
 
