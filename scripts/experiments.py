@@ -18,6 +18,7 @@ Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
     python scripts/experiments.py grid ... --dry-run          # list the runs, run nothing
     python scripts/experiments.py dump-updates CONFIG --rounds 2 --out updates/  # for fidelity
     python scripts/experiments.py summarize --results docs/results   # one table, all settings
+    python scripts/experiments.py spectrum runs/experiments/<setting>/glora-seed0   # ΔW spectrum
 
 Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
 """
@@ -251,6 +252,31 @@ def summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def spectrum(args: argparse.Namespace) -> int:
+    """Print how a run's final global adapter spreads its energy over singular components.
+
+    For each run directory: ``‖ΔW‖_F`` over all modules and the mean over modules of the energy
+    share of the top 1, 2 and 4 singular components (``glora inspect``'s factored SVD)."""
+    import math
+
+    from glora.cli.aggregate import inspect_adapter
+
+    print("| run | ‖ΔW‖_F (all modules) | top-1 share | top-2 share | top-4 share |")
+    print("|---|---:|---:|---:|---:|")
+    for run in args.runs:
+        mods = inspect_adapter(Path(run) / "adapter")["modules"]
+
+        def share(m: dict[str, Any], k: int) -> float:
+            sv = m["singular_values"]
+            total = sum(x * x for x in sv)
+            return sum(x * x for x in sv[:k]) / total if total else 0.0
+
+        fro = math.sqrt(sum(m["fro_norm"] ** 2 for m in mods))
+        tops = [sum(share(m, k) for m in mods) / len(mods) for k in (1, 2, 4)]
+        print(f"| {run} | {fro:.2f} | " + " | ".join(f"{t:.3f}" for t in tops) + " |")
+    return 0
+
+
 def dump_updates(args: argparse.Namespace) -> int:
     """Run one config with the simulator and save the given rounds' client updates."""
     from glora.bench.fidelity import capture_updates
@@ -307,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--server-ranks", default="max,2x,sum,auto")
     s = sub.add_parser("summarize", help="one table over every setting of a results directory")
     s.add_argument("--results", default="docs/results", help="the grid's --results directory")
+    sp = sub.add_parser("spectrum", help="energy share of top singular components per run")
+    sp.add_argument("runs", nargs="+", help="run directories (with adapter/)")
     d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
     d.add_argument("config")
     d.add_argument("--rounds", default="", help="rounds to save (default: all)")
@@ -317,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dump_updates(args)
     if args.command == "summarize":
         return summarize(args)
+    if args.command == "spectrum":
+        return spectrum(args)
     return run_grid(args, ablation=args.command == "ablation")
 
 
