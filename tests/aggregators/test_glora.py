@@ -67,6 +67,21 @@ def test_exact_when_server_rank_covers_clients(two_sided, basis):
     assert agg.state.diagnostics["proj_error_rel"] <= 1e-6
 
 
+def test_server_rank_sum_is_exact_every_round():
+    """``server_rank="sum"`` takes R = S of each round: the exact average whatever the ranks."""
+    for ranks in (RANKS, [2, 3]):
+        ups = random_updates(ranks)
+        agg = aggregators.build("glora", server_rank="sum")
+        state = agg.aggregate(ups)
+        # R = S, except where a module's own dimension is smaller
+        assert max(state.info["server_rank"].values()) == sum(ranks)
+        got, exact = products(agg.readout(state)), oracle(ups)
+        for m in exact:
+            assert rel(got[m], exact[m]) <= 1e-10
+    with pytest.raises(ValueError, match="'sum'"):
+        aggregators.build("glora", server_rank="all")
+
+
 def test_server_rank_above_sum_is_capped():
     ups = random_updates([2, 3])
     agg = aggregators.build("glora", server_rank=50)

@@ -44,9 +44,10 @@ class GLoRA(Aggregator):
 
     Args:
         server_rank: ``R``. ``None`` (default, the spec's suggestion) = the round's largest client
-            rank ``r_max``; an int = that rank (capped at ``S = Σ r_i``); ``"auto"`` = the smallest
-            ``R`` whose consensus eigenvalues hold ``energy`` of ``tr K``, kept in ``[r_max, S]``
-            (our extension). ``R ≥ S`` reproduces the exact weighted average (Prop. 1).
+            rank ``r_max``; an int = that rank (capped at ``S = Σ r_i``); ``"sum"`` = ``S`` itself,
+            every round (exact: the state then holds the weighted average, Prop. 1, at the size of
+            all the round's client factors); ``"auto"`` = the smallest ``R`` whose consensus
+            eigenvalues hold ``energy`` of ``tr K``, kept in ``[r_max, S]`` (our extension).
         energy: the energy threshold of ``server_rank="auto"``, in (0, 1].
         two_sided: also project the input side onto a consensus of the clients' row spaces.
         basis: ``"qr"`` (thin QR of ``B̃_i``) or ``"svd"`` (thresholded factored SVD of
@@ -70,7 +71,7 @@ class GLoRA(Aggregator):
     def __init__(
         self,
         *,
-        server_rank: int | Literal["auto"] | None = None,
+        server_rank: int | Literal["auto", "sum"] | None = None,
         energy: float = 0.9,
         two_sided: bool = False,
         basis: Literal["qr", "svd"] = "qr",
@@ -82,15 +83,12 @@ class GLoRA(Aggregator):
         **base: object,
     ) -> None:
         super().__init__(**base)  # type: ignore[arg-type]
-        if (
-            server_rank is not None
-            and server_rank != "auto"
-            and (
-                isinstance(server_rank, bool) or not isinstance(server_rank, int) or server_rank < 1
-            )
+        if server_rank not in (None, "auto", "sum") and (
+            isinstance(server_rank, bool) or not isinstance(server_rank, int) or server_rank < 1
         ):
             raise ValueError(
-                f"server_rank must be a positive integer, 'auto' or None, got {server_rank!r}"
+                f"server_rank must be a positive integer, 'auto', 'sum' or None, "
+                f"got {server_rank!r}"
             )
         if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
             raise ValueError(f"energy must be in (0, 1], got {energy!r}")
@@ -168,6 +166,8 @@ class GLoRA(Aggregator):
         """
         if self.server_rank is None:
             R = r_max
+        elif self.server_rank == "sum":
+            R = S
         elif self.server_rank == "auto":
             total = float(lam.sum())
             if total <= 0:
