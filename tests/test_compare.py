@@ -215,6 +215,11 @@ def test_report_per_seed_and_paired_from_run_records(tmp_path):
     assert paired["better"] == "1" and paired["seeds"] == "2"
     report = (tmp_path / "report.md").read_text()
     assert "Paired by seed" in report and "1/2" in report
+    with pytest.raises(ValueError, match="'flexlora' is not one of the compared methods"):
+        write_report(tmp_path, outcomes, base={}, metric="accuracy", reference="flexlora")
+    with pytest.raises(ValueError, match="not one of the compared methods"):  # before any run
+        run_compare({"method": {"name": "glora"}}, "glora", [0], tmp_path / "x", reference="fedit")
+    assert not (tmp_path / "x" / "runs").exists()
     write_report(tmp_path, outcomes, base={}, metric="accuracy", reference="fedit")
     (paired,) = list(csv.DictReader((tmp_path / "paired.csv").open()))
     assert paired["method"] == "glora" and paired["reference"] == "fedit"

@@ -296,6 +296,7 @@ def run_compare(
         specs.append(MethodSpec(CENTRALIZED, CENTRALIZED))
     if pad:
         specs = _with_pad(base, specs, seeds[0] if seeds else 0)
+    _check_reference(reference, [s.label for s in specs])  # before hours of runs, not after
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -417,6 +418,13 @@ def _num(x: float, fmt: str = ".4g") -> str:
     return "–" if math.isnan(x) else format(x, fmt)
 
 
+def _check_reference(reference: str | None, labels: Sequence[str]) -> None:
+    if reference is not None and reference not in labels:
+        raise ValueError(
+            f"reference {reference!r} is not one of the compared methods: {', '.join(labels)}"
+        )
+
+
 def paired_differences(
     finals: Mapping[str, Mapping[int, float]],
     reference: str,
@@ -481,6 +489,7 @@ def write_report(
         ]
     base = dict(base if base is not None else status.get("base_config", {}))
     labels = list(dict.fromkeys(o.label for o in outcomes))
+    _check_reference(reference, labels)
     records = {
         (o.label, o.seed): _read_metrics(out / o.run_dir) if o.status == "done" else []
         for o in outcomes

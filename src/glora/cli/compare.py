@@ -59,7 +59,11 @@ def compare(
 
     out_dir = out or Path("compare") / config.stem
     if report_only:
-        typer.echo(f"report: {write_report(out_dir, metric=metric, reference=reference)}")
+        try:
+            typer.echo(f"report: {write_report(out_dir, metric=metric, reference=reference)}")
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         return
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
