@@ -261,16 +261,16 @@ def spectrum(args: argparse.Namespace) -> int:
 
     from glora.cli.aggregate import inspect_adapter
 
+    def share(m: dict[str, Any], k: int) -> float:
+        """Share of module ``m``'s ``‖ΔW‖²`` in its top ``k`` singular components."""
+        sv = m["singular_values"]
+        total = sum(x * x for x in sv)
+        return sum(x * x for x in sv[:k]) / total if total else 0.0
+
     print("| run | ‖ΔW‖_F (all modules) | top-1 share | top-2 share | top-4 share |")
     print("|---|---:|---:|---:|---:|")
     for run in args.runs:
         mods = inspect_adapter(Path(run) / "adapter")["modules"]
-
-        def share(m: dict[str, Any], k: int) -> float:
-            sv = m["singular_values"]
-            total = sum(x * x for x in sv)
-            return sum(x * x for x in sv[:k]) / total if total else 0.0
-
         fro = math.sqrt(sum(m["fro_norm"] ** 2 for m in mods))
         tops = [sum(share(m, k) for m in mods) / len(mods) for k in (1, 2, 4)]
         print(f"| {run} | {fro:.2f} | " + " | ".join(f"{t:.3f}" for t in tops) + " |")

@@ -501,7 +501,6 @@ def write_report(
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[int, list[float]]] = {}
     per_seed: list[dict[str, Any]] = []
-    finals_by: dict[str, dict[int, float]] = {}
     for label in labels:
         runs = [o for o in outcomes if o.label == label]
         done = [o for o in runs if o.status == "done"]
@@ -510,15 +509,15 @@ def write_report(
             recs = records[(o.label, o.seed)]
             s = _series(recs, metric)
             if s:
-                finals.append(s[max(s)])
-                bests.append(better(s.values()))
-                finals_by.setdefault(label, {})[o.seed] = s[max(s)]
+                final, best = s[max(s)], better(s.values())
+                finals.append(final)
+                bests.append(best)
                 per_seed.append(
                     {
                         "method": label,
                         "seed": o.seed,
-                        "final": s[max(s)],
-                        "best": bests[-1],
+                        "final": final,
+                        "best": best,
                         "curve": json.dumps({str(k): v for k, v in sorted(s.items())}),
                     }
                 )
@@ -582,6 +581,9 @@ def write_report(
         w.writerows(per_seed)
     if reference is None:
         reference = "glora" if "glora" in labels else (labels[0] if labels else "")
+    finals_by: dict[str, dict[int, float]] = {}
+    for r in per_seed:
+        finals_by.setdefault(r["method"], {})[r["seed"]] = r["final"]
     paired = paired_differences(finals_by, reference, higher_is_better=_higher_is_better(metric))
     with open(out / "paired.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(
