@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,8 +64,11 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
-def test_flower_deployment_equals_glora_run(tmp_path: Path) -> None:
-    """`glora flower run` (2 SuperNodes) and `glora run` give the same adapter (<= 1e-6)."""
+def test_flower_deployment_equals_glora_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`glora flower run` (2 SuperNodes) and `glora run` give the same adapter (<= 1e-6), and
+    the resolved config copy it hands to Flower is removed afterwards."""
     from glora.cli.flower import register
     from glora.sim import run_experiment
 
@@ -80,10 +84,14 @@ def test_flower_deployment_equals_glora_run(tmp_path: Path) -> None:
     def _root() -> None:
         pass
 
+    scratch = tmp_path / "scratch"  # where the CLI's temporary files go
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     res = CliRunner().invoke(
         app, ["flower", "run", str(cfg_path), "--supernodes", "2", "--workdir", str(tmp_path / "w")]
     )
     assert res.exit_code == 0, res.output
+    assert not any(scratch.glob("glora-flower-config-*")), "the temporary config was left behind"
     flower_dir = Path(cfg.run_dir)
     assert {p.name for p in flower_dir.iterdir()} >= {
         "config.yaml",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def run(
 
     err = Console(stderr=True)
     console = Console()
+    config_tmp: Path | None = None  # the resolved copy of CONFIG handed to Flower's processes
     try:
         if runtime not in ("deployment", "simulation"):
             raise ConfigError("--runtime must be deployment or simulation")
@@ -88,7 +90,8 @@ def run(
             # Flower's processes run in their own working directory: hand them a copy of the
             # config whose data.dir is resolved against the user's current directory.
             cfg = cfg.with_resolved_paths()
-            config_path = Path(tempfile.mkdtemp(prefix="glora-flower-config-")) / "config.yaml"
+            config_tmp = Path(tempfile.mkdtemp(prefix="glora-flower-config-"))
+            config_path = config_tmp / "config.yaml"
             config_path.write_text(yaml.safe_dump(cfg.to_yaml_dict()), encoding="utf-8")
         if (tls or auth) and runtime == "simulation":
             raise ConfigError("--tls/--auth apply to the deployment runtime only")
@@ -122,6 +125,9 @@ def run(
     except (ConfigError, RunDirError, FederationError, ValueError) as exc:
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    finally:
+        if config_tmp is not None:  # every Flower process has stopped by now
+            shutil.rmtree(config_tmp, ignore_errors=True)
     console.print(f"run directory: {run_dir} ({time.perf_counter() - t0:.1f} s)")
 
 
