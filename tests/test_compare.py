@@ -105,6 +105,20 @@ def test_compare_tiny_report_and_resume(tmp_path):
     write_report(out)  # report-only rewrite from status.json
     assert "fedit (zero-pad)" in (out / "report.md").read_text()
 
+    # --resume never reuses a run of another config (here another lr): refused before any run,
+    # naming the run and the changed key; keys a resume may change (eval cadence) are accepted
+    calls.clear()
+    before = (out / "status.json").read_text()
+    with pytest.raises(ValueError, match=r"(?s)glora seed 0.*training\.lr.*another output"):
+        run_compare(
+            cfg, "glora", [0, 1], out, resume=True, overrides=["training.lr=0.5"], runner=spy
+        )
+    assert calls == [] and (out / "status.json").read_text() == before
+    outcomes = run_compare(
+        cfg, "glora", [0], out, resume=True, overrides=["training.eval_every=2"], runner=spy
+    )
+    assert calls == [] and [o.status for o in outcomes] == ["done"]
+
 
 def test_cli_compare_lists_unsupported(tmp_path):
     _require_data()

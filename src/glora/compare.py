@@ -243,6 +243,64 @@ def _holds_run(run_dir: Path) -> bool:
     return any((run_dir / p).exists() for p in ("config.yaml", "metrics.jsonl", "checkpoints"))
 
 
+def _stale_run(run_dir: Path, config: RunConfig) -> str | None:
+    """Why the run already in ``run_dir`` is not a run of ``config`` (``None`` when it is).
+
+    A finished run is reused and an unfinished one resumed only when its saved config equals the
+    planned one up to the keys a resume may change (``glora.sim.RESUMABLE_KEYS``: more rounds,
+    evaluation cadence, device); otherwise a changed lr or split would be reported silently.
+    """
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    from glora.sim import resume_config
+    from glora.sim.rundir import RunDirError
+
+    try:
+        resume_config(run_dir, config)
+    except (RunDirError, ConfigError) as exc:
+        return str(exc)
+    return None
+
+
+def _check_existing_runs(
+    base: Mapping[str, Any],
+    specs: Sequence[MethodSpec],
+    seeds: Sequence[int],
+    runs_dir: Path,
+    resume: bool,
+) -> None:
+    """Refuse, before any run starts, run directories that would be overwritten or misread.
+
+    Raises:
+        FileExistsError: without ``resume``, a planned run directory already holds a run.
+        ValueError: with ``resume``, a directory holds a run of another configuration.
+    """
+    stale: list[str] = []
+    for seed in seeds:
+        for spec in specs:
+            try:
+                cfg = plan_config(base, spec, seed, runs_dir)
+            except (ConfigError, UnsupportedRanks):
+                continue  # reported as unsupported by the run loop
+            if not _holds_run(cfg.run_dir):
+                continue
+            if not resume:
+                raise FileExistsError(
+                    f"{cfg.run_dir} already holds a run; pass resume=True (--resume) to reuse "
+                    "finished runs and resume unfinished ones, or choose another output directory"
+                )
+            why = _stale_run(cfg.run_dir, cfg)
+            if why is not None:
+                stale.append(f"[{spec.label} seed {seed}] {why}")
+    if stale:
+        raise ValueError(
+            f"{len(stale)} run director{'y holds a run' if len(stale) == 1 else 'ies hold runs'} "
+            "of another configuration, which --resume would mix into this report:\n  "
+            + "\n  ".join(stale)
+            + "\nchoose another output (runs) directory, or delete those runs"
+        )
+
+
 def _load_status(out: Path) -> dict[str, dict[str, Any]]:
     p = out / "status.json"
     if p.is_file():
@@ -301,6 +359,7 @@ def run_compare(
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    _check_existing_runs(base, specs, seeds, runs_dir, resume)
     runner = runner or default_runner
     say = log or (lambda _m: None)
     previous = _load_status(out) if resume else {}
@@ -321,20 +380,11 @@ def run_compare(
             # when the runs live elsewhere (e.g. runs/experiments/ beside docs/results/)
             o.run_dir = os.path.relpath(run_dir.resolve(), out.resolve())
             prev = previous.get(f"{spec.label}|{seed}", {})
-            if _finished(run_dir, cfg.training.rounds):
-                if not resume:
-                    raise FileExistsError(
-                        f"{run_dir} already holds a finished run; pass resume=True (--resume) "
-                        "to reuse it, or choose another output directory"
-                    )
+            if _finished(run_dir, cfg.training.rounds):  # resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
                 say(f"[{spec.label} seed {seed}] finished earlier: skipped")
                 continue
             again = _holds_run(run_dir)
-            if again and not resume:
-                raise FileExistsError(
-                    f"{run_dir} holds an unfinished run; pass resume=True (--resume) to resume it"
-                )
             say(f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}")
             t0 = time.perf_counter()
             try:
