@@ -151,16 +151,19 @@ def run_grid(args: argparse.Namespace, ablation: bool) -> int:
                     if args.dry_run:
                         continue
                     t0 = time.perf_counter()
-                    outcomes = run_compare(
-                        base,
-                        specs,
-                        seeds,
-                        results / name,
-                        resume=True,
-                        pad=args.pad,
-                        centralized=centralized,
-                        runs_dir=Path(args.runs) / name,
-                    )
+                    try:
+                        outcomes = run_compare(
+                            base,
+                            specs,
+                            seeds,
+                            results / name,
+                            resume=True,
+                            pad=args.pad,
+                            centralized=centralized,
+                            runs_dir=Path(args.runs) / name,
+                        )
+                    except (ValueError, FileExistsError) as exc:  # e.g. runs of another lr
+                        raise SystemExit(f"error in {name}: {exc}") from None
                     wall = time.perf_counter() - t0
                     total += wall
                     run_wall = sum(o.wall_seconds for o in outcomes)
