@@ -27,7 +27,12 @@ def compare(
         Path | None, typer.Option(help="Report directory (default: compare/<config name>).")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Skip finished runs, resume interrupted ones.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Skip finished runs, resume interrupted ones (refused for runs of another "
+            "config, e.g. another lr).",
+        ),
     ] = False,
     pad: Annotated[
         bool, typer.Option("--pad", help="Run same-rank methods with zero-padding on mixed ranks.")
