@@ -282,6 +282,7 @@ def test_invalid_update_leaves_state_unchanged():
         {"consensus": "eig"},
         {"split": "A"},
         {"chunk_size": 0},
+        {"carry_tail": "yes"},
     ],
 )
 def test_bad_options(opts):
@@ -305,3 +306,83 @@ def test_property_exactness_and_invariance(ranks, d, k, seed):
         assert rel(a, exact) <= 1e-8
     b = _full(aggregators.build("glora", server_rank=S), gauge(ups, seed=seed + 1))["m"]
     assert float((a - b).norm()) <= 1e-8 * max(1.0, float(exact.norm()))
+
+
+# ---------------------------------------------------------------------- carry_tail
+def _second_round(agg, ranks, *, seed=2, step=0.1):
+    """Round 2 uploads: each client's readout at its rank plus a small random change."""
+    first = agg.state
+    ups = random_updates(ranks, seed=seed)
+    out = []
+    for u in ups:
+        fs = {}
+        for m, f in u.factors.items():
+            r0 = agg.readout(first, f.rank)[m]
+            fs[m] = LoRAFactors(A=r0.A + step * f.A, B=r0.B + step * f.B)
+        out.append(ClientUpdate(u.client_id, u.weight, fs))
+    return out
+
+
+def _fedavg_of_changes(agg, first, ups):
+    """Dense ΔW_prev + Σ p_i (B̃_i A_i − T_{r_i}(ΔW_prev)): FedAvg applied to the changes."""
+    p = weights_of(ups)
+    out = products(agg.readout(first))
+    for pi, u in zip(p, ups):
+        for m, f in u.factors.items():
+            out[m] = out[m] + pi * (f.delta() - agg.readout(first, f.rank)[m].delta())
+    return out
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_carry_tail_at_full_server_rank_is_fedavg_of_the_changes(two_sided):
+    """R covering every member: the round is exactly ΔW_prev + Σ p_i (ΔW_i − T_{r_i}(ΔW_prev))."""
+    agg = aggregators.build("glora", server_rank="sum", carry_tail=True, two_sided=two_sided)
+    first = agg.aggregate(random_updates(RANKS, seed=1))
+    ups = _second_round(agg, RANKS)
+    want = _fedavg_of_changes(agg, first, ups)
+    got = products(agg.readout(agg.aggregate(ups)))
+    for m in want:
+        assert rel(got[m], want[m]) <= 1e-10
+    # the fresh rule loses the truncated components of the rank-2 and rank-4 clients
+    fresh = aggregators.build("glora", server_rank="sum", two_sided=two_sided)
+    fresh.aggregate(random_updates(RANKS, seed=1))
+    lost = products(fresh.readout(fresh.aggregate(ups)))
+    assert max(rel(lost[m], want[m]) for m in want) > 0.1
+
+
+def test_carry_tail_keeps_the_default_server_rank_close_to_fedavg_of_changes():
+    agg = aggregators.build("glora", carry_tail=True)
+    first = agg.aggregate(random_updates(RANKS, seed=1))
+    ups = _second_round(agg, RANKS)
+    state = agg.aggregate(ups)
+    assert max(state.info["server_rank"].values()) == max(RANKS)
+    want = _fedavg_of_changes(agg, first, ups)
+    got = products(agg.readout(state))
+    assert max(rel(got[m], want[m]) for m in want) <= 0.05
+
+
+def test_carry_tail_changes_nothing_when_nothing_is_truncated():
+    """Round 1, and equal ranks with R = r: every client received the whole state."""
+    for ranks in (RANKS, [4, 4, 4]):
+        a = aggregators.build("glora", carry_tail=True)
+        b = aggregators.build("glora")
+        sa = a.aggregate(random_updates(ranks, seed=1))
+        sb = b.aggregate(random_updates(ranks, seed=1))
+        for m in sa.tensors:
+            assert torch.equal(sa.tensors[m]["C"], sb.tensors[m]["C"])
+    ups = _second_round(a, [4, 4, 4])  # a and b now hold the equal-rank round
+    got, want = products(a.readout(a.aggregate(ups))), products(b.readout(b.aggregate(ups)))
+    for m in want:
+        assert rel(got[m], want[m]) <= 1e-12
+
+
+def test_carry_tail_is_gauge_invariant():
+    agg_a = aggregators.build("glora", carry_tail=True)
+    agg_b = aggregators.build("glora", carry_tail=True)
+    agg_a.aggregate(random_updates(RANKS, seed=1))
+    agg_b.aggregate(gauge(random_updates(RANKS, seed=1), seed=5))
+    ups = _second_round(agg_a, RANKS)
+    a = products(agg_a.readout(agg_a.aggregate(ups)))
+    b = products(agg_b.readout(agg_b.aggregate(gauge(ups, seed=9))))
+    for m in a:
+        assert rel(b[m], a[m]) <= 1e-9

@@ -15,6 +15,15 @@ Per module, with folded client factors ``B̃_i`` (d×r_i), ``A_i`` (r_i×k) and 
 4. readout at rank ``r``: thin SVD ``C = U_c Σ_c V_cᵀ``, ``B = U_ref U_c[:, :r] Σ_c^{1/2}``,
    ``A = Σ_c^{1/2} V_c[:, :r]ᵀ``, i.e. the truncated SVD of ``ΔW_srv`` (Eckart–Young).
 
+With ``carry_tail=True`` (our extension of methods.md §3.12's "cumulative low-rank state") the
+round also carries the part of the previous global update that the clients' truncated readouts
+did not hold: ``ΔW* = Σ_i p_i B̃_i A_i + Σ_i p_i (ΔW_prev − T_{r_i}(ΔW_prev))``, where
+``T_r`` is the rank-``r`` readout, so that the server applies FedAvg to the clients' *changes*
+(``ΔW_prev + Σ p_i (B̃_i A_i − T_{r_i}(ΔW_prev))``) instead of shrinking every component beyond
+a client's rank by that client's weight each round (the energy collapse of §3.12). The carried
+tail is one more low-rank term, ``(B_prev diag(w), A_prev)`` with ``w_j = Σ_{i: r_i ≤ j} p_i``
+over the components ``j`` of the previous readout, so the round stays in factored form.
+
 No ``d×d`` or ``d×k`` matrix is formed; modules of equal shape are processed as one batch.
 """
 
@@ -63,6 +72,13 @@ class GLoRA(Aggregator):
             server time at the 7B-like benchmark shape in our runs), so it is off by default.
         chunk_size: modules processed per batch (bounds the extra memory); fewer when the
             round's total rank is large, so that a chunk's S×S Gram matrices stay small.
+        carry_tail: add back, from round 2 on, the components of the previous global update
+            beyond each participant's rank, which its readout did not contain (module
+            docstring). The tail joins the consensus as one more member of weight
+            ``Σ_{i: r_i < R_prev} p_i`` (the clients that did not receive all of it), and
+            ``server_rank="sum"`` then covers its rank too (still exact). With equal client
+            ranks and ``R = r`` nothing is truncated and the result equals ``carry_tail=False``.
+            Off by default: the spec's "fresh each round".
     """
 
     name = "glora"
@@ -80,6 +96,7 @@ class GLoRA(Aggregator):
         split: Literal["sqrt", "B"] = "sqrt",
         diagnostics: bool = False,
         chunk_size: int = 16,
+        carry_tail: bool = False,
         **base: object,
     ) -> None:
         super().__init__(**base)  # type: ignore[arg-type]
@@ -102,7 +119,11 @@ class GLoRA(Aggregator):
             raise ValueError(f"basis_tol must be in [0, 1), got {basis_tol!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        for flag, value in (("two_sided", two_sided), ("diagnostics", diagnostics)):
+        for flag, value in (
+            ("two_sided", two_sided),
+            ("diagnostics", diagnostics),
+            ("carry_tail", carry_tail),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be true or false, got {value!r}")
         self.server_rank = server_rank
@@ -114,6 +135,7 @@ class GLoRA(Aggregator):
         self.split = split
         self.diagnostics = diagnostics
         self.chunk_size = chunk_size
+        self.carry_tail = carry_tail
 
     # ------------------------------------------------------------------ aggregation
     def _client_basis(self, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,10 +148,76 @@ class GLoRA(Aggregator):
         if self.basis == "qr":
             U, T = torch.linalg.qr(B, mode="reduced")
             return U, T @ A
+        U, s, V = self._thresholded_svd(B, A)
+        return U, s.unsqueeze(-1) * V.mT
+
+    def _thresholded_svd(self, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Factored thin SVD of ``B @ A`` (m, d, q), (m, q), (m, k, q), ``q = min(r, d, k)``, with
+        the directions below ``basis_tol · s_max`` (and all of an all-zero product) set to zero.
+        """
         U, s, V = factored_svd(B, A)
         smax = s[..., :1]
         keep = ((s > self.basis_tol * smax) & (smax > 0)).to(U.dtype)
-        return U * keep.unsqueeze(-2), (s * keep).unsqueeze(-1) * V.mT
+        return U * keep.unsqueeze(-2), s * keep, V * keep.unsqueeze(-2)
+
+    def _tails(
+        self, rnd: RoundInput, prev: ServerState | None
+    ) -> dict[str, tuple[LoRAFactors, float]]:
+        """Per module, the previous update's components that the round's readouts left out.
+
+        ``Σ_i p_i (T(ΔW_prev) − T_{r_i}(ΔW_prev))`` as factors ``(B_prev diag(w), A_prev)``
+        (d×q, q×k) of the previous full readout, ``w_j = Σ_{i: r_i ≤ j} p_i`` (readouts are
+        nested, so ``T_{r_i}`` is its first ``r_i`` components), with the tail's consensus weight
+        ``max_j w_j``. A module has none when ``carry_tail`` is off, before round 1, or when its
+        tail is zero (every participant received everything, or the initial ``B = 0``).
+        """
+        if not self.carry_tail or prev is None or not prev.tensors:
+            return {}
+        p = rnd.p()
+        full = self.readout(prev)
+        out = {}
+        for m in rnd.modules:
+            f = full.get(m)
+            if f is None:
+                continue
+            ranks = torch.tensor(rnd.ranks[m])
+            j = torch.arange(f.rank)
+            w = ((ranks.unsqueeze(1) <= j.unsqueeze(0)).to(p.dtype) * p.unsqueeze(1)).sum(0)
+            tail = LoRAFactors(A=f.A.to(rnd.dtype), B=f.B.to(rnd.dtype) * w.to(rnd.dtype))
+            if not bool(tail.B.any()):
+                continue
+            out[m] = (tail, float(w.max()))
+        return out
+
+    def _stack_tail(
+        self,
+        chunk: list[str],
+        tails: dict[str, tuple[LoRAFactors, float]],
+        r_tail: int,
+        M_t: Tensor,
+        F_t: Tensor,
+        row_spaces: list[Tensor],
+    ) -> None:
+        """Write the chunk's carried tails into the stack: ``M_t`` (c, d, q_t), ``F_t`` (c, q_t, k).
+
+        The tail ``B_t A_t = U_t diag(s_t) V_tᵀ`` enters ``M`` as ``√ω U_t`` (its consensus weight
+        ``ω``) and ``F`` as ``diag(s_t) V_tᵀ / √ω``, so that with a unit ``root`` its term of
+        ``C`` is ``U_refᵀ B_t A_t`` (weight 1: the tail already carries the ``p_i``).
+        """
+        c, d, k = len(chunk), M_t.shape[-2], F_t.shape[-1]
+        B = M_t.new_zeros(c, d, r_tail)
+        A = M_t.new_zeros(c, r_tail, k)
+        omega = M_t.new_ones(c)
+        for j, m in enumerate(chunk):
+            if m in tails:
+                tail, w = tails[m]
+                B[j, :, : tail.rank], A[j, : tail.rank], omega[j] = tail.B, tail.A, w
+        U, s, V = self._thresholded_svd(B, A)
+        root = omega.sqrt().view(c, 1, 1)
+        M_t.copy_(U * root)
+        F_t.copy_(s.unsqueeze(-1) * V.mT / root)
+        if self.two_sided:
+            row_spaces.append(V * root)
 
     def _consensus(self, M: Tensor) -> tuple[Tensor, Callable[[int], Tensor], Tensor]:
         """Eigenvalues of ``K = M Mᵀ`` for the stack ``M`` (m, d, S), never forming ``K``.
@@ -182,6 +270,7 @@ class GLoRA(Aggregator):
 
     def _aggregate(self, rnd: RoundInput, prev: ServerState | None) -> ServerState:
         p = rnd.p()
+        tails = self._tails(rnd, prev)
         groups: dict[tuple, list[str]] = defaultdict(list)
         for m in rnd.modules:
             groups[(rnd.shapes[m], rnd.ranks[m])].append(m)
@@ -195,7 +284,12 @@ class GLoRA(Aggregator):
             S = sum(ranks)
             r_max = max(ranks)
             qs = [min(d, k, r) if self.basis == "svd" else min(d, r) for r in ranks]
-            S_M = sum(qs)
+            # the carried tail (carry_tail): one more member of the stack, padded to the
+            # group's largest previous rank (zero directions are dropped by its thresholded SVD)
+            r_tail = max((tails[m][0].rank for m in names if m in tails), default=0)
+            q_t = min(d, k, r_tail)
+            S += q_t
+            S_M = sum(qs) + q_t
             # modules per chunk: chunk_size, and at most _GRAM_BUDGET entries of S×S Gram matrices
             # (large rounds, e.g. 100 clients, would otherwise eigendecompose many at once)
             width = max(1, min(self.chunk_size, len(names), _GRAM_BUDGET // (S_M * S_M)))
@@ -208,7 +302,9 @@ class GLoRA(Aggregator):
                 # per client, over the chunk's modules: B̃_i A_i = U_i F_i. The weighted bases
                 # side by side form M (c, d, S_M), the F_i stacked F (c, S_M, k).
                 M, F = M_buf[:c], F_buf[:c]
-                root = torch.cat([p[i].sqrt().expand(q) for i, q in enumerate(qs)])  # (S_M,)
+                root = torch.cat(
+                    [p[i].sqrt().expand(q) for i, q in enumerate(qs)] + [p.new_ones(q_t)]
+                )  # (S_M,)
                 row_spaces = []
                 o = 0
                 for i, q in enumerate(qs):
@@ -220,6 +316,8 @@ class GLoRA(Aggregator):
                     if self.two_sided:
                         row_spaces.append(torch.linalg.qr(A_i.mT, mode="reduced").Q * p[i].sqrt())
                     o += q
+                if q_t:
+                    self._stack_tail(chunk, tails, r_tail, M[..., o:], F[:, o:], row_spaces)
                 lam, top, G = self._consensus(M)
                 req = [self._choose_rank(lam[j], r_max, S) for j in range(c)]
                 Rs = [min(R, lam.shape[-1]) for R in req]  # output side: at most min(d, S)
