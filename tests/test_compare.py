@@ -188,7 +188,11 @@ def test_paired_differences_pair_by_seed():
     assert f["seeds"] == 3 and f["better"] == 2
     assert f["diff_mean"] == pytest.approx((0.05 - 0.10 + 0.10) / 3)
     assert f["diff_std"] == pytest.approx(statistics.stdev([0.05, -0.10, 0.10]))
+    # two-sided paired t-test with 2 degrees of freedom: p = 1 − |t| / √(2 + t²)
+    t = f["diff_mean"] / (f["diff_std"] / math.sqrt(3))
+    assert f["p_value"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))
     assert rows["x"]["seeds"] == 0 and math.isnan(rows["x"]["diff_mean"])
+    assert math.isnan(rows["x"]["p_value"])
     low = paired_differences(finals, "glora", higher_is_better=False)
     assert next(r for r in low if r["method"] == "fedit")["better"] == 1
 

@@ -475,6 +475,10 @@ def _check_reference(reference: str | None, labels: Sequence[str]) -> None:
         )
 
 
+#: The columns of ``paired.csv`` (one row of :func:`paired_differences`).
+PAIRED_FIELDS = ("method", "reference", "seeds", "diff_mean", "diff_std", "better", "p_value")
+
+
 def paired_differences(
     finals: Mapping[str, Mapping[int, float]],
     reference: str,
@@ -491,9 +495,13 @@ def paired_differences(
     Returns:
         One row per other label: ``method``, ``reference``, ``seeds`` (seeds both finished),
         ``diff_mean`` / ``diff_std`` of ``final(method) − final(reference)`` over those seeds
-        (sample std; NaN without seeds) and ``better`` (seeds where the method beat the
-        reference; ties count for neither).
+        (sample std; NaN without seeds), ``better`` (seeds where the method beat the
+        reference; ties count for neither) and ``p_value``, the two-sided paired t-test of the
+        differences (``scipy.stats.ttest_rel``; NaN with fewer than 2 seeds or all differences
+        equal to zero).
     """
+    from scipy.stats import ttest_rel
+
     ref = finals.get(reference, {})
     rows = []
     for label, by_seed in finals.items():
@@ -503,6 +511,9 @@ def paired_differences(
         diffs = [by_seed[s] - ref[s] for s in seeds]
         m, sd = _mean_std(diffs)
         better = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
+        p_value = math.nan
+        if len(diffs) >= 2 and any(d != 0 for d in diffs):
+            p_value = float(ttest_rel([by_seed[s] for s in seeds], [ref[s] for s in seeds]).pvalue)
         rows.append(
             {
                 "method": label,
@@ -511,6 +522,7 @@ def paired_differences(
                 "diff_mean": m,
                 "diff_std": sd,
                 "better": better,
+                "p_value": p_value,
             }
         )
     return rows
@@ -636,20 +648,19 @@ def write_report(
         finals_by.setdefault(r["method"], {})[r["seed"]] = r["final"]
     paired = paired_differences(finals_by, reference, higher_is_better=_higher_is_better(metric))
     with open(out / "paired.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(
-            f, fieldnames=["method", "reference", "seeds", "diff_mean", "diff_std", "better"]
-        )
+        w = csv.DictWriter(f, fieldnames=list(PAIRED_FIELDS))
         w.writeheader()
         w.writerows(paired)
     paired_md = [
         f"| method | seeds | final {metric} − {reference}'s (mean ± std) "
-        f"| seeds better than {reference} |",
-        "|---|---|---|---|",
+        f"| seeds better than {reference} | paired t-test p |",
+        "|---|---|---|---|---|",
     ]
     for r in paired:
+        p_text = "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.2g}"
         paired_md.append(
             f"| {r['method']} | {r['seeds']} | {_pm(r['diff_mean'], r['diff_std'])} "
-            f"| {r['better']}/{r['seeds']} |"
+            f"| {r['better']}/{r['seeds']} | {p_text} |"
         )
 
     cost_fields = [
