@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from glora import aggregators
-from glora.compare import MethodSpec, parse_methods, run_compare
+from glora.compare import MethodSpec, paired_differences, parse_methods, run_compare
 
 HET_RANKS = [2, 4, 8, 16]
 HOM_RANK = 8
@@ -209,8 +210,10 @@ def _write_index(results: Path, index: dict[str, Any]) -> None:
 
 def summarize(args: argparse.Namespace) -> int:
     """One table over every setting of a results directory: final metric per method (mean ± std
-    over seeds) and each method's seed-paired difference from GLoRA, from the settings'
-    ``table.csv`` and ``paired.csv``; written to ``<results>/summary.md`` and printed."""
+    over seeds) and each method's seed-paired difference from the setting's reference (GLoRA),
+    with its paired t-test p-value, from the settings' ``table.csv``, ``per_seed.csv`` and
+    ``paired.csv`` (for the reference); written to ``<results>/summary.md`` and printed.
+    The metrics of the grid (GLUE accuracy, F1) are higher-is-better."""
     import csv
 
     results = Path(args.results)
@@ -224,11 +227,20 @@ def summarize(args: argparse.Namespace) -> int:
             if int(r["seeds_done"]):
                 cell = f"{float(r['final_mean']):.3f} ± {float(r['final_std']):.3f}"
                 finals.setdefault(r["method"], {})[name] = f"{cell} ({r['seeds_done']})"
-        p = results / name / "paired.csv"
-        for r in csv.DictReader(p.open(encoding="utf-8")) if p.is_file() else []:
-            if int(r["seeds"]):
-                cell = f"{float(r['diff_mean']):+.3f} ± {float(r['diff_std']):.3f}"
-                paired.setdefault(r["method"], {})[name] = f"{cell} ({r['better']}/{r['seeds']})"
+        p, ps = results / name / "paired.csv", results / name / "per_seed.csv"
+        if not (p.is_file() and ps.is_file()):
+            continue
+        refs = {r["reference"] for r in csv.DictReader(p.open(encoding="utf-8"))}
+        by_seed: dict[str, dict[int, float]] = {}
+        for r in csv.DictReader(ps.open(encoding="utf-8")):
+            by_seed.setdefault(r["method"], {})[int(r["seed"])] = float(r["final"])
+        for r in paired_differences(by_seed, refs.pop()) if len(refs) == 1 else []:
+            if r["seeds"]:
+                cell = f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}"
+                pv = "" if math.isnan(r["p_value"]) else f", p {r['p_value']:.2f}"
+                paired.setdefault(r["method"], {})[name] = (
+                    f"{cell} ({r['better']}/{r['seeds']}{pv})"
+                )
 
     def table(rows: dict[str, dict[str, str]]) -> list[str]:
         out = ["| method | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
@@ -244,7 +256,8 @@ def summarize(args: argparse.Namespace) -> int:
         *table(finals),
         "",
         "Seed-paired difference of the final metric from the reference method of each setting "
-        "(GLoRA, or GLoRA at R = r_max in an ablation): mean ± std (seeds better / seeds):",
+        "(GLoRA, or GLoRA at R = r_max in an ablation): mean ± std (seeds better / seeds, "
+        "two-sided paired t-test p):",
         "",
         *table(paired),
         "",
