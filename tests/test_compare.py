@@ -67,6 +67,7 @@ def test_compare_tiny_report_and_resume(tmp_path):
     ):
         assert (out / name).is_file(), name
     assert (out / "accuracy_vs_round.png").stat().st_size > 1000
+    assert (out / "train_loss_vs_round.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "glora" in report and "fedit" in report and "one LoRA rank" in report
     assert " ± " in (out / "table.md").read_text()

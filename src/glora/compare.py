@@ -9,8 +9,10 @@ for one seed every method sees the same data splits, client ranks and client sam
 * ``per_seed.csv``: every run's final and best metric and its metric-per-round curve;
 * ``paired.csv``: per method, the seed-paired difference of its final metric from the reference
   method's (GLoRA when it ran; the runs of one seed share splits, ranks and sampling, so the
-  paired difference removes the seed's own variance), mean ± std and the seeds it was better on;
+  paired difference removes the seed's own variance), mean ± std, the seeds it was better on
+  and the paired t-test p-value;
 * ``<metric>_vs_round.png``: one line per method (mean over seeds), band = ± one std;
+* ``train_loss_vs_round.png``: the same for the round's mean client training loss;
 * ``status.json``: every run's status (done, unsupported with the reason, failed) and wall time;
 * ``report.md``: ties them together.
 
@@ -435,10 +437,14 @@ def _higher_is_better(metric: str) -> bool:
     return "loss" not in metric and "error" not in metric and "perplexity" not in metric
 
 
-def _series(records: Sequence[Mapping[str, Any]], metric: str) -> dict[int, float]:
+def _series(
+    records: Sequence[Mapping[str, Any]], metric: str, *, top_level: bool = False
+) -> dict[int, float]:
+    """``{round: value}`` of an evaluated metric (or, ``top_level``, of a round-record key such
+    as ``train_loss``), skipping rounds where it is missing or NaN."""
     out = {}
     for r in records:
-        v = (r.get("metrics") or {}).get(metric)
+        v = r.get(metric) if top_level else (r.get("metrics") or {}).get(metric)
         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
             out[int(r["round"])] = float(v)
     return out
@@ -562,6 +568,7 @@ def write_report(
 
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[int, list[float]]] = {}
+    loss_curves: dict[str, dict[int, list[float]]] = {}
     per_seed: list[dict[str, Any]] = []
     for label in labels:
         runs = [o for o in outcomes if o.label == label]
@@ -585,6 +592,8 @@ def write_report(
                 )
                 for rnd, v in s.items():
                     curves.setdefault(label, {}).setdefault(rnd, []).append(v)
+            for rnd, v in _series(recs, "train_loss", top_level=True).items():
+                loss_curves.setdefault(label, {}).setdefault(rnd, []).append(v)
             up.append(_avg(recs, "bytes_up"))
             down.append(_avg(recs, "bytes_down"))
             srv.append(_avg(recs, "server_seconds"))
@@ -689,6 +698,8 @@ def write_report(
 
     plot = out / f"{re.sub(r'[^A-Za-z0-9_]+', '_', metric)}_vs_round.png"
     _plot(curves, metric, plot)
+    loss_plot = out / "train_loss_vs_round.png"
+    _plot(loss_curves, "train_loss", loss_plot)
 
     fed = base.get("federation") or {}
     data = base.get("data") or {}
@@ -715,6 +726,11 @@ def write_report(
         "",
         f"![{metric} vs round]({plot.name})",
         "",
+        "Mean client training loss of each round (the clients' own losses during local "
+        "training, averaged over the round's participants):",
+        "",
+        f"![train loss vs round]({loss_plot.name})",
+        "",
         f"## Paired by seed: each method against `{reference}`",
         "",
         "One seed gives every method the same splits, ranks and client sampling, so the "
@@ -740,7 +756,7 @@ def write_report(
         "",
         "`table.csv`/`table.md` (metric table), `per_seed.csv` (every run's final, best and "
         "curve), `paired.csv` (seed-paired differences), `cost.csv`/`cost.md` (cost), "
-        f"`{plot.name}` (curves), `status.json` (every run), "
+        f"`{plot.name}` and `{loss_plot.name}` (curves), `status.json` (every run), "
         "`runs/<method>-seed<seed>/` (run dirs).",
         "",
     ]

@@ -74,11 +74,11 @@ class GLoRA(Aggregator):
             round's total rank is large, so that a chunk's S×S Gram matrices stay small.
         carry_tail: add back the components of the previous global update beyond each
             participant's rank, which its readout did not contain (module docstring; from
-            round 2 on when the initial adapter has ``B = 0``). The tail joins the consensus as one more member of weight
-            ``Σ_{i: r_i < R_prev} p_i`` (the clients that did not receive all of it), and
-            ``server_rank="sum"`` then covers its rank too (still exact). With equal client
-            ranks and ``R = r`` nothing is truncated and the result equals ``carry_tail=False``.
-            Off by default: the spec's "fresh each round".
+            round 2 on when the initial adapter has ``B = 0``). The tail joins the consensus
+            as one more member of weight ``Σ_{i: r_i < R_prev} p_i`` (the clients that did
+            not receive all of it), and ``server_rank="sum"`` then covers its rank too (still
+            exact). With equal client ranks and ``R = r`` nothing is truncated and the result
+            equals ``carry_tail=False``. Off by default: the spec's "fresh each round".
     """
 
     name = "glora"
