@@ -18,6 +18,8 @@ Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
     python scripts/experiments.py grid ... --dry-run          # list the runs, run nothing
     python scripts/experiments.py dump-updates CONFIG --rounds 2 --out updates/  # for fidelity
     python scripts/experiments.py summarize --results docs/results   # one table, all settings
+    python scripts/experiments.py lr-table --results docs/results/p1-r15 \\
+        docs/results/p1-r15-lr3e-3 --setting sst2-a0.5-het-p1   # best lr per method
     python scripts/experiments.py spectrum runs/experiments/<setting>/glora-seed0   # ΔW spectrum
 
 Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
@@ -268,6 +270,101 @@ def summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def lr_table(args: argparse.Namespace) -> int:
+    """One setting run at several learning rates: each method's final metric per lr and its
+    best lr, then every method at its best lr against the reference (GLoRA) at its own.
+
+    ``args.results`` are grid ``--results`` directories that differ only in ``--lr`` (read from
+    their ``index.json``); ``args.setting`` names the setting in each. Per method and lr: mean ±
+    std over seeds of ``per_seed.csv``'s final metric (number of seeds). The best lr is the one
+    with the highest mean (the metrics of the grid are higher-is-better) among the lrs where the
+    method finished all the seeds the others did; the same seeds give the same splits, ranks
+    and client sampling at every lr, so the best-lr comparison is seed-paired. The lr is picked
+    on the same evaluation subset the table reports, an optimistic choice made alike for every
+    method. Written to ``args.out`` when given, and printed."""
+    import csv
+
+    by_lr: dict[float, dict[str, dict[int, float]]] = {}
+    for directory in args.results:
+        root = Path(directory)
+        index = (
+            json.loads((root / "index.json").read_text()) if (root / "index.json").is_file() else {}
+        )
+        seeds_csv = root / args.setting / "per_seed.csv"
+        if args.setting not in index or not seeds_csv.is_file():
+            raise SystemExit(
+                f"{root} has no finished setting {args.setting!r} (index.json and "
+                f"{args.setting}/per_seed.csv): run the grid there first, or drop it"
+            )
+        lr = float(index[args.setting]["lr"])
+        if lr in by_lr:
+            raise SystemExit(f"two results directories ran {args.setting} at lr {lr:g}: keep one")
+        runs = by_lr[lr] = {}
+        for r in csv.DictReader(seeds_csv.open(encoding="utf-8")):
+            runs.setdefault(r["method"], {})[int(r["seed"])] = float(r["final"])
+    lrs = sorted(by_lr)
+    methods = list(dict.fromkeys(m for lr in lrs for m in by_lr[lr]))
+    if args.reference not in methods:
+        raise SystemExit(f"the reference {args.reference!r} was not run; methods: {methods}")
+    want = max(len(s) for lr in lrs for s in by_lr[lr].values())
+
+    def cell(values: Sequence[float]) -> str:
+        mean = sum(values) / len(values)
+        sd = (
+            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            if len(values) > 1
+            else math.nan
+        )
+        return f"{mean:.3f} ± {sd:.3f} ({len(values)})"
+
+    best: dict[str, float] = {}
+    lines = [
+        f"# {args.setting} at several learning rates",
+        "",
+        "Final primary metric, mean ± std over seeds (number of seeds); **bold** = the method's "
+        "best lr (highest mean over all seeds; a method run at one lr had no search). The lr is "
+        "picked on the evaluation subset the table reports, alike for every method:",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | lrs run |",
+        "|---" * (len(lrs) + 3) + "|",
+    ]
+    for m in methods:
+        full = [lr for lr in lrs if len(by_lr[lr].get(m, {})) == want]
+        if full:
+            best[m] = max(full, key=lambda lr: sum(by_lr[lr][m].values()))
+        cells = []
+        for lr in lrs:
+            runs = by_lr[lr].get(m)
+            text = cell(list(runs.values())) if runs else "–"
+            cells.append(f"**{text}**" if best.get(m) == lr else text)
+        ran = sum(m in by_lr[lr] for lr in lrs)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {best.get(m, math.nan):g} | {ran} |")
+    if args.reference in best:
+        at_best = {m: by_lr[lr][m] for m, lr in best.items()}
+        lines += [
+            "",
+            f"Each method at its best lr against {args.reference} at its best lr "
+            f"({best[args.reference]:g}), seed-paired: mean ± std of the difference "
+            "(seeds better / seeds, two-sided paired t-test p):",
+            "",
+            "| method | best lr | lrs run | difference |",
+            "|---|---|---|---|",
+        ]
+        for r in paired_differences(at_best, args.reference):
+            pv = "" if math.isnan(r["p_value"]) else f", p {r['p_value']:.2f}"
+            lines.append(
+                f"| {r['method']} | {best[r['method']]:g} "
+                f"| {sum(r['method'] in by_lr[lr] for lr in lrs)} | {r['diff_mean']:+.3f} ± "
+                f"{r['diff_std']:.3f} ({r['better']}/{r['seeds']}{pv}) |"
+            )
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text, end="")
+    return 0
+
+
 def spectrum(args: argparse.Namespace) -> int:
     """Print how a run's final global adapter spreads its energy over singular components.
 
@@ -349,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--server-ranks", default="max,2x,sum,auto")
     s = sub.add_parser("summarize", help="one table over every setting of a results directory")
     s.add_argument("--results", default="docs/results", help="the grid's --results directory")
+    lt = sub.add_parser("lr-table", help="one setting at several lrs: best lr per method")
+    lt.add_argument("--results", nargs="+", required=True, help="grid --results dirs, one per lr")
+    lt.add_argument("--setting", required=True, help="e.g. sst2-a0.5-het-p1")
+    lt.add_argument("--reference", default="glora")
+    lt.add_argument("--out", default="", help="also write the table here (markdown)")
     sp = sub.add_parser("spectrum", help="energy share of top singular components per run")
     sp.add_argument("runs", nargs="+", help="run directories (with adapter/)")
     d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
@@ -361,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dump_updates(args)
     if args.command == "summarize":
         return summarize(args)
+    if args.command == "lr-table":
+        return lr_table(args)
     if args.command == "spectrum":
         return spectrum(args)
     return run_grid(args, ablation=args.command == "ablation")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import statistics
 from pathlib import Path
@@ -56,3 +57,49 @@ def test_summarize_pairs_by_seed_with_p_values(tmp_path, capsys):
 def test_summarize_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="run the grid first"):
         _load().summarize(argparse.Namespace(results=str(tmp_path)))
+
+
+def _lr_setting(root: Path, lr: float, finals: dict[str, list[float]]) -> None:
+    _setting(root, "sst2-a0.5-het-p1", finals)
+    (root / "index.json").write_text(json.dumps({"sst2-a0.5-het-p1": {"lr": lr}}))
+
+
+def _lr_args(dirs: list[Path], out: Path | str = "") -> argparse.Namespace:
+    return argparse.Namespace(
+        results=[str(d) for d in dirs], setting="sst2-a0.5-het-p1", reference="glora", out=str(out)
+    )
+
+
+def test_lr_table_picks_each_methods_best_lr_and_pairs_them(tmp_path, capsys):
+    mod = _load()
+    a, b = tmp_path / "lr3e-3", tmp_path / "lr5e-3"
+    _lr_setting(a, 3e-3, {"glora": [0.7, 0.6, 0.8], "fedit": [0.5, 0.5, 0.5]})
+    _lr_setting(b, 5e-3, {"glora": [0.6, 0.6, 0.6], "fedit": [0.75, 0.5, 0.9], "ffa": [0.5] * 3})
+    out = tmp_path / "lr.md"
+    assert mod.lr_table(_lr_args([b, a], out)) == 0  # order of the directories does not matter
+    text = out.read_text()
+    assert capsys.readouterr().out == text
+    assert "| method | lr 0.003 | lr 0.005 | best lr | lrs run |" in text
+    assert "| glora | **0.700 ± 0.100 (3)** | 0.600 ± 0.000 (3) | 0.003 | 2 |" in text
+    assert "| fedit | 0.500 ± 0.000 (3) | **0.717 ± 0.202 (3)** | 0.005 | 2 |" in text
+    assert "| ffa | – | **0.500 ± 0.000 (3)** | 0.005 | 1 |" in text
+    # fedit at 5e-3 − glora at 3e-3, paired by seed: +0.05, −0.10, +0.10 (2 of 3 better)
+    diffs = [0.05, -0.10, 0.10]
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(3))
+    p = 1 - abs(t) / math.sqrt(2 + t * t)
+    assert f"| fedit | 0.005 | 2 | +0.017 ± 0.104 (2/3, p {p:.2f}) |" in text
+
+
+def test_lr_table_rejects_missing_settings_and_duplicate_lrs(tmp_path):
+    mod = _load()
+    a, b = tmp_path / "a", tmp_path / "b"
+    _lr_setting(a, 3e-3, {"glora": [0.7, 0.6, 0.8]})
+    _lr_setting(b, 3e-3, {"glora": [0.7, 0.6, 0.8]})
+    with pytest.raises(
+        SystemExit, match=r"two results directories ran sst2-a0\.5-het-p1 at lr 0\.003"
+    ):
+        mod.lr_table(_lr_args([a, b]))
+    with pytest.raises(SystemExit, match="no finished setting"):
+        mod.lr_table(_lr_args([a, tmp_path / "empty"]))
+    with pytest.raises(SystemExit, match="the reference 'fedit' was not run"):
+        mod.lr_table(argparse.Namespace(**{**vars(_lr_args([a])), "reference": "fedit"}))
