@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -309,13 +310,8 @@ def lr_table(args: argparse.Namespace) -> int:
     want = max(len(s) for lr in lrs for s in by_lr[lr].values())
 
     def cell(values: Sequence[float]) -> str:
-        mean = sum(values) / len(values)
-        sd = (
-            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-            if len(values) > 1
-            else math.nan
-        )
-        return f"{mean:.3f} ± {sd:.3f} ({len(values)})"
+        sd = statistics.stdev(values) if len(values) > 1 else math.nan
+        return f"{statistics.mean(values):.3f} ± {sd:.3f} ({len(values)})"
 
     best: dict[str, float] = {}
     lines = [
