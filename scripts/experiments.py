@@ -211,6 +211,22 @@ def _write_index(results: Path, index: dict[str, Any]) -> None:
     (results / "index.md").write_text("\n".join(lines) + "\n")
 
 
+def _read_finals(per_seed_csv: Path) -> dict[str, dict[int, float]]:
+    """``{method: {seed: final metric}}`` from a compare report's ``per_seed.csv``."""
+    import csv
+
+    finals: dict[str, dict[int, float]] = {}
+    for r in csv.DictReader(per_seed_csv.open(encoding="utf-8")):
+        finals.setdefault(r["method"], {})[int(r["seed"])] = float(r["final"])
+    return finals
+
+
+def _paired_cell(row: dict[str, Any]) -> str:
+    """One :func:`paired_differences` row as ``+d ± sd (better/seeds, p P)``."""
+    pv = "" if math.isnan(row["p_value"]) else f", p {row['p_value']:.2f}"
+    return f"{row['diff_mean']:+.3f} ± {row['diff_std']:.3f} ({row['better']}/{row['seeds']}{pv})"
+
+
 def summarize(args: argparse.Namespace) -> int:
     """One table over every setting of a results directory: final metric per method (mean ± std
     over seeds) and each method's seed-paired difference from the setting's reference (GLoRA),
@@ -234,16 +250,9 @@ def summarize(args: argparse.Namespace) -> int:
         if not (p.is_file() and ps.is_file()):
             continue
         refs = {r["reference"] for r in csv.DictReader(p.open(encoding="utf-8"))}
-        by_seed: dict[str, dict[int, float]] = {}
-        for r in csv.DictReader(ps.open(encoding="utf-8")):
-            by_seed.setdefault(r["method"], {})[int(r["seed"])] = float(r["final"])
-        for r in paired_differences(by_seed, refs.pop()) if len(refs) == 1 else []:
+        for r in paired_differences(_read_finals(ps), refs.pop()) if len(refs) == 1 else []:
             if r["seeds"]:
-                cell = f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f}"
-                pv = "" if math.isnan(r["p_value"]) else f", p {r['p_value']:.2f}"
-                paired.setdefault(r["method"], {})[name] = (
-                    f"{cell} ({r['better']}/{r['seeds']}{pv})"
-                )
+                paired.setdefault(r["method"], {})[name] = _paired_cell(r)
 
     def table(rows: dict[str, dict[str, str]]) -> list[str]:
         out = ["| method | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
@@ -283,8 +292,6 @@ def lr_table(args: argparse.Namespace) -> int:
     and client sampling at every lr, so the best-lr comparison is seed-paired. The lr is picked
     on the same evaluation subset the table reports, an optimistic choice made alike for every
     method. Written to ``args.out`` when given, and printed."""
-    import csv
-
     by_lr: dict[float, dict[str, dict[int, float]]] = {}
     for directory in args.results:
         root = Path(directory)
@@ -300,14 +307,13 @@ def lr_table(args: argparse.Namespace) -> int:
         lr = float(index[args.setting]["lr"])
         if lr in by_lr:
             raise SystemExit(f"two results directories ran {args.setting} at lr {lr:g}: keep one")
-        runs = by_lr[lr] = {}
-        for r in csv.DictReader(seeds_csv.open(encoding="utf-8")):
-            runs.setdefault(r["method"], {})[int(r["seed"])] = float(r["final"])
+        by_lr[lr] = _read_finals(seeds_csv)
     lrs = sorted(by_lr)
     methods = list(dict.fromkeys(m for lr in lrs for m in by_lr[lr]))
     if args.reference not in methods:
         raise SystemExit(f"the reference {args.reference!r} was not run; methods: {methods}")
     want = max(len(s) for lr in lrs for s in by_lr[lr].values())
+    ran = {m: sum(m in by_lr[lr] for lr in lrs) for m in methods}
 
     def cell(values: Sequence[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else math.nan
@@ -333,8 +339,7 @@ def lr_table(args: argparse.Namespace) -> int:
             runs = by_lr[lr].get(m)
             text = cell(list(runs.values())) if runs else "–"
             cells.append(f"**{text}**" if best.get(m) == lr else text)
-        ran = sum(m in by_lr[lr] for lr in lrs)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {best.get(m, math.nan):g} | {ran} |")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {best.get(m, math.nan):g} | {ran[m]} |")
     if args.reference in best:
         at_best = {m: by_lr[lr][m] for m, lr in best.items()}
         lines += [
@@ -347,12 +352,8 @@ def lr_table(args: argparse.Namespace) -> int:
             "|---|---|---|---|",
         ]
         for r in paired_differences(at_best, args.reference):
-            pv = "" if math.isnan(r["p_value"]) else f", p {r['p_value']:.2f}"
-            lines.append(
-                f"| {r['method']} | {best[r['method']]:g} "
-                f"| {sum(r['method'] in by_lr[lr] for lr in lrs)} | {r['diff_mean']:+.3f} ± "
-                f"{r['diff_std']:.3f} ({r['better']}/{r['seeds']}{pv}) |"
-            )
+            m = r["method"]
+            lines.append(f"| {m} | {best[m]:g} | {ran[m]} | {_paired_cell(r)} |")
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

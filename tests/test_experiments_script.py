@@ -101,5 +101,7 @@ def test_lr_table_rejects_missing_settings_and_duplicate_lrs(tmp_path):
         mod.lr_table(_lr_args([a, b]))
     with pytest.raises(SystemExit, match="no finished setting"):
         mod.lr_table(_lr_args([a, tmp_path / "empty"]))
+    args = _lr_args([a])
+    args.reference = "fedit"
     with pytest.raises(SystemExit, match="the reference 'fedit' was not run"):
-        mod.lr_table(argparse.Namespace(**{**vars(_lr_args([a])), "reference": "fedit"}))
+        mod.lr_table(args)
