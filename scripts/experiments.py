@@ -28,6 +28,7 @@ Every command prints its wall time; ``<results>/index.md`` lists every setting w
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import statistics
@@ -213,8 +214,6 @@ def _write_index(results: Path, index: dict[str, Any]) -> None:
 
 def _read_finals(per_seed_csv: Path) -> dict[str, dict[int, float]]:
     """``{method: {seed: final metric}}`` from a compare report's ``per_seed.csv``."""
-    import csv
-
     finals: dict[str, dict[int, float]] = {}
     for r in csv.DictReader(per_seed_csv.open(encoding="utf-8")):
         finals.setdefault(r["method"], {})[int(r["seed"])] = float(r["final"])
@@ -233,8 +232,6 @@ def summarize(args: argparse.Namespace) -> int:
     with its paired t-test p-value, from the settings' ``table.csv``, ``per_seed.csv`` and
     ``paired.csv`` (for the reference); written to ``<results>/summary.md`` and printed.
     The metrics of the grid (GLUE accuracy, F1) are higher-is-better."""
-    import csv
-
     results = Path(args.results)
     settings = sorted(p.parent.name for p in results.glob("*/table.csv"))
     if not settings:
