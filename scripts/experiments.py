@@ -21,6 +21,7 @@ Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
     python scripts/experiments.py lr-table --results docs/results/p1-r15 \\
         docs/results/p1-r15-lr3e-3 --setting sst2-a0.5-het-p1   # best lr per method
     python scripts/experiments.py spectrum runs/experiments/<setting>/glora-seed0   # ΔW spectrum
+    python scripts/experiments.py spectrum RUN_DIR --rounds 5,10,20   # per checkpointed round
 
 Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
 """
@@ -359,27 +360,95 @@ def lr_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def spectrum(args: argparse.Namespace) -> int:
-    """Print how a run's final global adapter spreads its energy over singular components.
+def _top_shares(singular_values: Sequence[Sequence[float]], ks: Sequence[int]) -> list[float]:
+    """Mean over modules of the share of ``‖ΔW‖²`` in the top ``k`` singular components."""
 
-    For each run directory: ``‖ΔW‖_F`` over all modules and the mean over modules of the energy
-    share of the top 1, 2 and 4 singular components (``glora inspect``'s factored SVD)."""
-    import math
-
-    from glora.cli.aggregate import inspect_adapter
-
-    def share(m: dict[str, Any], k: int) -> float:
-        """Share of module ``m``'s ``‖ΔW‖²`` in its top ``k`` singular components."""
-        sv = m["singular_values"]
+    def share(sv: Sequence[float], k: int) -> float:
         total = sum(x * x for x in sv)
         return sum(x * x for x in sv[:k]) / total if total else 0.0
 
+    return [sum(share(sv, k) for sv in singular_values) / len(singular_values) for k in ks]
+
+
+def _round_spectra(run: Path, rounds: Sequence[int]) -> list[dict[str, Any]]:
+    """Per checkpointed round of ``run``: the global update's spectrum, loss and metric.
+
+    Rebuilds the run's aggregator from its ``config.yaml``, loads each round's checkpointed
+    server state and takes ``effective_update`` (factored, ``d×r`` and ``r×k`` per module) through
+    :func:`glora.linalg.factored_svd`. Rounds without a checkpoint are skipped."""
+    import torch
+
+    from glora.config import load_config
+    from glora.linalg import factored_svd
+    from glora.sim.rundir import RunDir
+    from glora.tasks import build_task
+
+    cfg = load_config(run / "config.yaml")
+    primary = build_task(cfg).primary_metric()
+    rd = RunDir(run)
+    have = set(rd.checkpoint_rounds())
+    records = {r["round"]: r for r in rd.read_metrics()}
+    out = []
+    for t in rounds:
+        if t not in have:
+            continue
+        ckpt = rd.load_checkpoint(t)
+        agg = aggregators.build(cfg.method.aggregator, **{"seed": cfg.seed, **cfg.method.options})
+        agg.load_state(ckpt.state)
+        svs = []
+        for f in agg.effective_update(ckpt.state).values():
+            _, S, _ = factored_svd(f.B.to(torch.float64), f.A.to(torch.float64))
+            svs.append([float(s) for s in S])
+        rec = records.get(t, {})
+        metric = (rec.get("metrics") or {}).get(primary)
+        out.append(
+            {
+                "round": t,
+                "fro": math.sqrt(sum(x * x for sv in svs for x in sv)),
+                "shares": _top_shares(svs, (1, 2, 4)),
+                "train_loss": rec.get("train_loss"),
+                "metric": metric,
+            }
+        )
+    return out
+
+
+def spectrum(args: argparse.Namespace) -> int:
+    """Print how a run's global adapter spreads its energy over singular components.
+
+    For each run directory: ``‖ΔW‖_F`` over all modules and the mean over modules of the energy
+    share of the top 1, 2 and 4 singular components (``glora inspect``'s factored SVD) of the
+    final adapter; with ``--rounds``, of the checkpointed global update at each of those rounds,
+    beside the round's mean client training loss and the task's primary metric (blank if the
+    round was not evaluated)."""
+    from glora.cli.aggregate import inspect_adapter
+
+    if args.rounds:
+        rounds = _ints(args.rounds)
+        print(
+            "| run | round | ‖ΔW‖_F (all modules) | top-1 share | top-2 share | top-4 share "
+            "| train loss | metric |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for run in args.runs:
+            rows = _round_spectra(Path(run), rounds)
+            if not rows:
+                raise SystemExit(f"{run}: no checkpoint of rounds {args.rounds}")
+            for r in rows:
+                loss = "" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
+                metric = "" if r["metric"] is None else f"{r['metric']:.3f}"
+                print(
+                    f"| {run} | {r['round']} | {r['fro']:.2f} | "
+                    + " | ".join(f"{t:.3f}" for t in r["shares"])
+                    + f" | {loss} | {metric} |"
+                )
+        return 0
     print("| run | ‖ΔW‖_F (all modules) | top-1 share | top-2 share | top-4 share |")
     print("|---|---:|---:|---:|---:|")
     for run in args.runs:
         mods = inspect_adapter(Path(run) / "adapter")["modules"]
         fro = math.sqrt(sum(m["fro_norm"] ** 2 for m in mods))
-        tops = [sum(share(m, k) for m in mods) / len(mods) for k in (1, 2, 4)]
+        tops = _top_shares([m["singular_values"] for m in mods], (1, 2, 4))
         print(f"| {run} | {fro:.2f} | " + " | ".join(f"{t:.3f}" for t in tops) + " |")
     return 0
 
@@ -447,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lt.add_argument("--out", default="", help="also write the table here (markdown)")
     sp = sub.add_parser("spectrum", help="energy share of top singular components per run")
     sp.add_argument("runs", nargs="+", help="run directories (with adapter/)")
+    sp.add_argument("--rounds", default="", help="checkpointed rounds to read instead, e.g. 5,10")
     d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
     d.add_argument("config")
     d.add_argument("--rounds", default="", help="rounds to save (default: all)")

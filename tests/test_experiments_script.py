@@ -105,3 +105,33 @@ def test_lr_table_rejects_missing_settings_and_duplicate_lrs(tmp_path):
     args.reference = "fedit"
     with pytest.raises(SystemExit, match="the reference 'fedit' was not run"):
         mod.lr_table(args)
+
+
+def _rows(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:]]
+
+
+def test_spectrum_per_round_reads_checkpoints_and_matches_the_final_adapter(tmp_path, capsys):
+    from glora.config import validate_config
+    from glora.sim import run_experiment
+    from tests.sim.conftest import tiny_raw, write_glue
+
+    glue = write_glue(tmp_path / "glue")
+    cfg = validate_config(tiny_raw(glue, tmp_path / "out", training={"rounds": 2}))
+    res = run_experiment(cfg)
+    mod = _load()
+    run = str(res.run_dir)
+    assert mod.spectrum(argparse.Namespace(runs=[run], rounds="1,2,7")) == 0
+    per_round = _rows(capsys.readouterr().out)
+    assert [r[1] for r in per_round] == ["1", "2"]  # round 7 has no checkpoint: skipped
+    assert mod.spectrum(argparse.Namespace(runs=[run], rounds="")) == 0
+    (final,) = _rows(capsys.readouterr().out)
+    # round 2's checkpointed global update is the exported adapter: same norm and shares
+    assert per_round[1][2:6] == final[1:5]
+    shares = [float(x) for x in per_round[0][3:6]]
+    assert 0 < shares[0] <= shares[1] <= shares[2] <= 1 + 1e-9
+    losses = [f"{r['train_loss']:.3f}" for r in res.records]
+    assert [r[6] for r in per_round] == losses
+    assert per_round[1][7] == f"{res.records[1]['metrics']['accuracy']:.3f}"
+    with pytest.raises(SystemExit, match="no checkpoint of rounds 9"):
+        mod.spectrum(argparse.Namespace(runs=[run], rounds="9"))
