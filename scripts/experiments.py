@@ -2,12 +2,13 @@
 """Resumable driver of the experiment grid (all-MiniLM-L6-v2 on GLUE; see ``docs/fidelity.md``).
 
 Grid: tasks {SST-2, QNLI, MRPC, RTE} × Dirichlet α {0.5, 0.1} × ranks {het = [2,4,8,16] cycled
-over the clients, hom = 8} × participation {1.0, 0.3} × seeds; 10 clients; every method that
-supports the setting (the others are listed as unsupported in the report, or run with
-zero-padding under ``--pad``) plus the centralized reference. Each setting is one
-``glora compare`` report under ``<results>/<setting>/`` (small files: tables, plot, report.md);
-the run directories (checkpoints, adapters) go under ``<runs>/<setting>/``. Re-running the same
-command skips finished runs and resumes interrupted ones.
+over the clients, hom = 8; also het-rev = het's ranks in reverse client order} × participation
+{1.0, 0.3} × seeds; 10 clients; every method that supports the setting (the others are listed
+as unsupported in the report, or run with zero-padding under ``--pad``) plus the centralized
+reference. Each setting is one ``glora compare`` report under ``<results>/<setting>/`` (small
+files: tables, plot, report.md); the run directories (checkpoints, adapters) go under
+``<runs>/<setting>/``. Re-running the same command skips finished runs and resumes interrupted
+ones.
 
 Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
 
@@ -44,6 +45,11 @@ from glora.compare import MethodSpec, paired_differences, parse_methods, run_com
 
 HET_RANKS = [2, 4, 8, 16]
 HOM_RANK = 8
+#: ``--ranks`` regimes: ``het`` cycles ``HET_RANKS`` over the clients, ``hom`` gives every client
+#: ``HOM_RANK``, ``het-rev`` gives the clients ``het``'s ranks in reverse client order (client
+#: ``i`` gets client ``n-1-i``'s): the same ranks, held by other clients, to tell an effect of
+#: rank heterogeneity from one of which clients hold the large ranks.
+RANK_REGIMES = ("het", "het-rev", "hom")
 DEFAULT_DATA = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue")
 
 
@@ -57,6 +63,19 @@ def _ints(text: str) -> list[int]:
 
 def _strs(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _regime(ranks: str, clients: int) -> list[int] | int:
+    """The ``federation.ranks`` of a ``--ranks`` regime (SystemExit naming the valid ones).
+
+    ``het`` is the 4-cycle (the config cycles it), ``het-rev`` the full per-client list."""
+    if ranks not in RANK_REGIMES:
+        raise SystemExit(f"--ranks takes {', '.join(RANK_REGIMES)}, got {ranks!r}")
+    if ranks == "hom":
+        return HOM_RANK
+    if ranks == "het":
+        return list(HET_RANKS)
+    return [HET_RANKS[(clients - 1 - i) % len(HET_RANKS)] for i in range(clients)]
 
 
 def setting_name(task: str, alpha: float, ranks: str, participation: float) -> str:
@@ -80,7 +99,7 @@ def base_config(args: argparse.Namespace, task: str, alpha: float, ranks: str, p
             "clients": args.clients,
             "partition": "dirichlet",
             "alpha": alpha,
-            "ranks": list(HET_RANKS) if ranks == "het" else HOM_RANK,
+            "ranks": _regime(ranks, args.clients),
             "participation": part,
         },
         "method": {"name": "glora"},
@@ -108,11 +127,9 @@ def ablation_specs(ranks: str, clients: int, modes: Sequence[str]) -> list[Metho
     ``sum`` passes the sum of all client ranks; GLoRA caps R at the round's ``S = Σ r_i``, so it
     is the exact setting for every round.
     """
-    client_ranks = (
-        [HET_RANKS[i % len(HET_RANKS)] for i in range(clients)]
-        if ranks == "het"
-        else [HOM_RANK] * clients
-    )
+    regime = _regime(ranks, clients)
+    cycle = regime if isinstance(regime, list) else [regime]
+    client_ranks = [cycle[i % len(cycle)] for i in range(clients)]
     r_max = max(client_ranks)
     table = {
         "max": ("glora (R=r_max)", None),
@@ -139,8 +156,7 @@ def run_grid(args: argparse.Namespace, ablation: bool) -> int:
     for task in _strs(args.tasks):
         for alpha in _floats(args.alphas):
             for ranks in _strs(args.ranks):
-                if ranks not in ("het", "hom"):
-                    raise SystemExit(f"--ranks takes het and/or hom, got {ranks!r}")
+                _regime(ranks, args.clients)  # a clear error before anything runs
                 for part in _floats(args.participation):
                     name = setting_name(task, alpha, ranks, part)
                     if ablation:
@@ -474,7 +490,11 @@ def dump_updates(args: argparse.Namespace) -> int:
 def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="sst2,qnli,mrpc,rte")
     p.add_argument("--alphas", default="0.5,0.1", help="Dirichlet α values")
-    p.add_argument("--ranks", default="het,hom", help="het = [2,4,8,16] cycled, hom = 8")
+    p.add_argument(
+        "--ranks",
+        default="het,hom",
+        help="het = [2,4,8,16] cycled, het-rev = het's ranks in reverse client order, hom = 8",
+    )
     p.add_argument("--participation", default="1.0,0.3")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--clients", type=int, default=10)

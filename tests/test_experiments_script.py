@@ -135,3 +135,17 @@ def test_spectrum_per_round_reads_checkpoints_and_matches_the_final_adapter(tmp_
     assert per_round[1][7] == f"{res.records[1]['metrics']['accuracy']:.3f}"
     with pytest.raises(SystemExit, match="no checkpoint of rounds 9"):
         mod.spectrum(argparse.Namespace(runs=[run], rounds="9"))
+
+
+def test_rank_regimes_het_rev_keeps_the_ranks_and_moves_them_to_other_clients():
+    mod = _load()
+    assert mod._regime("het", 10) == [2, 4, 8, 16]  # cycled by the config
+    assert mod._regime("hom", 10) == 8
+    rev = mod._regime("het-rev", 10)
+    het = [2, 4, 8, 16] * 3
+    assert rev == het[:10][::-1] == [4, 2, 16, 8, 4, 2, 16, 8, 4, 2]
+    # same Σ ranks, so the ablation's R = Σ r_i is the same
+    (spec,) = mod.ablation_specs("het-rev", 10, ["sum"])
+    assert spec.options == {"server_rank": sum(het[:10])}
+    with pytest.raises(SystemExit, match="--ranks takes het, het-rev, hom, got 'mixed'"):
+        mod._regime("mixed", 10)
