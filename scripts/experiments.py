@@ -23,6 +23,7 @@ Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
         docs/results/p1-r15-lr3e-3 --setting sst2-a0.5-het-p1   # best lr per method
     python scripts/experiments.py spectrum runs/experiments/<setting>/glora-seed0   # ΔW spectrum
     python scripts/experiments.py spectrum RUN_DIR --rounds 5,10,20   # per checkpointed round
+    python scripts/experiments.py clients RUN_DIR   # each client's rank, examples, label shares
 
 Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
 """
@@ -469,6 +470,42 @@ def spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def clients(args: argparse.Namespace) -> int:
+    """Print each client of a run (rank, training examples, label shares) and the eval set.
+
+    Reads the run's ``config.yaml`` and rebuilds its split with the engine's own
+    :func:`glora.sim.engine.client_partition` (no model is loaded). Label shares are printed
+    for tasks with at most 10 distinct labels (classification), else only the counts."""
+    from collections import Counter
+
+    from glora.config import load_config
+    from glora.sim.engine import client_partition
+    from glora.tasks import build_task
+
+    for run in args.runs:
+        cfg = load_config(Path(run) / "config.yaml")
+        task = build_task(cfg)
+        task.load()
+        examples = list(task.train_examples())
+        labels = [getattr(e, "label", None) for e in examples]
+        values = sorted({x for x in labels if x is not None}, key=str)
+        show = 0 < len(values) <= 10
+        ranks = cfg.effective_federation()[1]
+        head = "| client | rank | examples |" + "".join(f" label {v} |" for v in values if show)
+        print(f"{run}\n\n{head}\n|" + "---:|" * (3 + (len(values) if show else 0)))
+        for i, idx in enumerate(client_partition(cfg, task, len(examples))):
+            counts = Counter(labels[j] for j in idx)
+            shares = "".join(f" {counts[v] / len(idx):.2f} |" for v in values) if show else ""
+            print(f"| {i} | {ranks[i]} | {len(idx)} |{shares}")
+        dev = list(task.eval_examples()) if hasattr(task, "eval_examples") else []
+        if dev:  # the (capped) evaluation set, for what one-class predictions score
+            counts = Counter(getattr(e, "label", None) for e in dev)
+            shares = "".join(f" {counts[v] / len(dev):.2f} |" for v in values) if show else ""
+            print(f"| eval | – | {len(dev)} |{shares}")
+        print()
+    return 0
+
+
 def dump_updates(args: argparse.Namespace) -> int:
     """Run one config with the simulator and save the given rounds' client updates."""
     from glora.bench.fidelity import capture_updates
@@ -537,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp = sub.add_parser("spectrum", help="energy share of top singular components per run")
     sp.add_argument("runs", nargs="+", help="run directories (with adapter/)")
     sp.add_argument("--rounds", default="", help="checkpointed rounds to read instead, e.g. 5,10")
+    c = sub.add_parser("clients", help="each client of a run: rank, examples, label shares")
+    c.add_argument("runs", nargs="+", help="run directories (with config.yaml)")
     d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
     d.add_argument("config")
     d.add_argument("--rounds", default="", help="rounds to save (default: all)")
@@ -551,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lr_table(args)
     if args.command == "spectrum":
         return spectrum(args)
+    if args.command == "clients":
+        return clients(args)
     return run_grid(args, ablation=args.command == "ablation")
 
 

@@ -111,14 +111,20 @@ def _rows(out: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[2:]]
 
 
-def test_spectrum_per_round_reads_checkpoints_and_matches_the_final_adapter(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 2-round tiny-BERT GLoRA run (2 iid clients of ranks 2 and 4, 96 examples)."""
     from glora.config import validate_config
     from glora.sim import run_experiment
     from tests.sim.conftest import tiny_raw, write_glue
 
-    glue = write_glue(tmp_path / "glue")
-    cfg = validate_config(tiny_raw(glue, tmp_path / "out", training={"rounds": 2}))
-    res = run_experiment(cfg)
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = validate_config(tiny_raw(write_glue(root / "glue"), root / "out", training={"rounds": 2}))
+    return run_experiment(cfg)
+
+
+def test_spectrum_per_round_reads_checkpoints_and_matches_the_final_adapter(tiny_run, capsys):
+    res = tiny_run
     mod = _load()
     run = str(res.run_dir)
     assert mod.spectrum(argparse.Namespace(runs=[run], rounds="1,2,7")) == 0
@@ -149,3 +155,15 @@ def test_rank_regimes_het_rev_keeps_the_ranks_and_moves_them_to_other_clients():
     assert spec.options == {"server_rank": sum(het[:10])}
     with pytest.raises(SystemExit, match="--ranks takes het, het-rev, hom, got 'mixed'"):
         mod._regime("mixed", 10)
+
+
+def test_clients_prints_each_clients_rank_examples_and_label_shares(tiny_run, capsys):
+    assert _load().clients(argparse.Namespace(runs=[str(tiny_run.run_dir)])) == 0
+    out = capsys.readouterr().out
+    assert "| client | rank | examples | label 0 | label 1 |" in out
+    rows = [r for r in _rows(out.split("\n", 2)[2]) if r[0] in ("0", "1", "eval")]
+    assert [r[1] for r in rows] == ["2", "4", "–"]
+    assert sum(int(r[2]) for r in rows[:2]) == 96  # every training example, once
+    assert rows[2][2] == "16"  # data.max_eval_examples
+    for r in rows:
+        assert abs(float(r[3]) + float(r[4]) - 1) <= 0.011

@@ -44,7 +44,28 @@ from glora.tasks import Task, build_task
 from glora.types import ClientUpdate, InvalidUpdate, LoRAFactors, ServerState
 from glora.validation import validate_updates
 
-__all__ = ["ClientStore", "Simulation", "resolve_device"]
+__all__ = ["ClientStore", "Simulation", "client_partition", "resolve_device"]
+
+
+def client_partition(config: RunConfig, task: Task, n_examples: int) -> list[list[int]]:
+    """The training-example indices of each client of ``config``'s run (client order).
+
+    One client (centralized) holds all ``n_examples``; otherwise ``task.partition`` with the
+    run's scheme and α, seeded from ``config.seed``, so a run and any tool that reads its
+    config see the same split. ``task`` must be loaded. ValueError names a bad federation.
+    """
+    num_clients = config.effective_federation()[0]
+    if num_clients == 1:
+        return [list(range(n_examples))]
+    try:
+        return task.partition(
+            num_clients,
+            config.federation.partition,
+            alpha=config.federation.alpha,
+            seed=derive_seed(config.seed, "partition") % (2**32),
+        )
+    except ValueError as exc:
+        raise ValueError(f"federation: {exc}") from None
 
 
 def resolve_device(config: RunConfig) -> torch.device:
@@ -152,18 +173,7 @@ class Simulation:
             device=self.device,
         )
         self.examples = list(self.task.train_examples())
-        if self.num_clients == 1:
-            self.client_indices = [list(range(len(self.examples)))]
-        else:
-            try:
-                self.client_indices = self.task.partition(
-                    self.num_clients,
-                    config.federation.partition,
-                    alpha=config.federation.alpha,
-                    seed=derive_seed(self.seed, "partition") % (2**32),
-                )
-            except ValueError as exc:
-                raise ValueError(f"federation: {exc}") from None
+        self.client_indices = client_partition(config, self.task, len(self.examples))
         self.agg: Aggregator = aggregators.build(
             config.method.aggregator, **{"seed": self.seed, **config.method.options}
         )
