@@ -387,6 +387,15 @@ def _top_shares(singular_values: Sequence[Sequence[float]], ks: Sequence[int]) -
     return [sum(share(sv, k) for sv in singular_values) / len(singular_values) for k in ks]
 
 
+def _run_config(run: Path) -> Any:
+    """The validated ``RunConfig`` of run directory ``run`` (SystemExit if it is not one)."""
+    from glora.config import load_config
+
+    if not (run / "config.yaml").is_file():
+        raise SystemExit(f"{run}: no config.yaml here; pass a run directory (runs/<setting>/<run>)")
+    return load_config(run / "config.yaml")
+
+
 def _round_spectra(run: Path, rounds: Sequence[int]) -> list[dict[str, Any]]:
     """Per checkpointed round of ``run``: the global update's spectrum, loss and metric.
 
@@ -395,12 +404,11 @@ def _round_spectra(run: Path, rounds: Sequence[int]) -> list[dict[str, Any]]:
     :func:`glora.linalg.factored_svd`. Rounds without a checkpoint are skipped."""
     import torch
 
-    from glora.config import load_config
     from glora.linalg import factored_svd
     from glora.sim.rundir import RunDir
     from glora.tasks import build_task
 
-    cfg = load_config(run / "config.yaml")
+    cfg = _run_config(run)
     primary = build_task(cfg).primary_metric()
     rd = RunDir(run)
     have = set(rd.checkpoint_rounds())
@@ -478,12 +486,11 @@ def clients(args: argparse.Namespace) -> int:
     for tasks with at most 10 distinct labels (classification), else only the counts."""
     from collections import Counter
 
-    from glora.config import load_config
     from glora.sim.engine import client_partition
     from glora.tasks import build_task
 
     for run in args.runs:
-        cfg = load_config(Path(run) / "config.yaml")
+        cfg = _run_config(Path(run))
         task = build_task(cfg)
         task.load()
         examples = list(task.train_examples())

@@ -167,3 +167,11 @@ def test_clients_prints_each_clients_rank_examples_and_label_shares(tiny_run, ca
     assert rows[2][2] == "16"  # data.max_eval_examples
     for r in rows:
         assert abs(float(r[3]) + float(r[4]) - 1) <= 0.011
+
+
+def test_spectrum_and_clients_name_a_directory_that_is_not_a_run(tmp_path):
+    mod = _load()
+    with pytest.raises(SystemExit, match=r"no config\.yaml here; pass a run directory"):
+        mod.clients(argparse.Namespace(runs=[str(tmp_path)]))
+    with pytest.raises(SystemExit, match=r"no config\.yaml here; pass a run directory"):
+        mod.spectrum(argparse.Namespace(runs=[str(tmp_path)], rounds="1"))
