@@ -128,9 +128,9 @@ def ablation_specs(ranks: str, clients: int, modes: Sequence[str]) -> list[Metho
     ``sum`` passes the sum of all client ranks; GLoRA caps R at the round's ``S = Σ r_i``, so it
     is the exact setting for every round.
     """
-    regime = _regime(ranks, clients)
-    cycle = regime if isinstance(regime, list) else [regime]
-    client_ranks = [cycle[i % len(cycle)] for i in range(clients)]
+    from glora.config import FederationConfig
+
+    client_ranks = FederationConfig(clients=clients, ranks=_regime(ranks, clients)).client_ranks(0)
     r_max = max(client_ranks)
     table = {
         "max": ("glora (R=r_max)", None),
@@ -413,12 +413,12 @@ def _round_spectra(run: Path, rounds: Sequence[int]) -> list[dict[str, Any]]:
     rd = RunDir(run)
     have = set(rd.checkpoint_rounds())
     records = {r["round"]: r for r in rd.read_metrics()}
+    agg = aggregators.build(cfg.method.aggregator, **{"seed": cfg.seed, **cfg.method.options})
     out = []
     for t in rounds:
         if t not in have:
             continue
         ckpt = rd.load_checkpoint(t)
-        agg = aggregators.build(cfg.method.aggregator, **{"seed": cfg.seed, **cfg.method.options})
         agg.load_state(ckpt.state)
         svs = []
         for f in agg.effective_update(ckpt.state).values():
