@@ -24,6 +24,7 @@ Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
     python scripts/experiments.py spectrum runs/experiments/<setting>/glora-seed0   # ΔW spectrum
     python scripts/experiments.py spectrum RUN_DIR --rounds 5,10,20   # per checkpointed round
     python scripts/experiments.py clients RUN_DIR   # each client's rank, examples, label shares
+    python scripts/experiments.py trace RUN_DIR --rounds 5,15   # split a replayed round's change
 
 Every command prints its wall time; ``<results>/index.md`` lists every setting with its cost.
 """
@@ -531,6 +532,177 @@ def dump_updates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dot(x: Any, y: Any) -> float:
+    """``Σ_m ⟨x[m], y[m]⟩_F`` over the modules of two dicts of dense tensors."""
+    return float(sum((x[m] * y[m]).sum() for m in x))
+
+
+def trace_round(sim: Any, t: int, probe: Sequence[Any]) -> dict[str, Any]:
+    """Run round ``t`` of ``sim`` (restored at round ``t - 1``) and split its global change.
+
+    With ``U`` the global update before the round (``d×k`` per module, float64), client ``i``
+    of weight share ``p_i`` starting from ``S_i`` (its readout) and uploading ``V_i``, and
+    ``U'`` the update after it, the round's change splits exactly into
+
+    ``U' − U = Σ_i p_i (V_i − S_i)  +  Σ_i p_i (S_i − U)  +  (U' − Σ_i p_i V_i)``
+
+    = each client's own change, the part of ``U`` the clients did not start from ("tail"), and
+    what the server's rule adds to the exact average of the uploads ("server"). For each part:
+    its Frobenius norm over all modules, its share ``⟨part, U' − U⟩ / ‖U' − U‖²`` (the shares
+    add up to 1), and on the ``probe`` examples of a 2-class task the change it alone makes to
+    the mean logit margin (label 1 − label 0) and to the share predicted label 1, from ``U``,
+    with the round's new head for every evaluation. Dense ``d×k`` matrices are formed here:
+    an analysis of small models, not part of any rule."""
+    import torch
+
+    agg = sim.agg
+    if agg.client_plan(t).local or sim.state.base_delta:
+        raise SystemExit(
+            f"trace needs a rule whose clients keep no local factors and whose server keeps no "
+            f"merged base ({agg.name} does); use glora, fedit, flexlora, hetlora or fedex"
+        )
+
+    def dense(factors: Any) -> dict[str, Any]:
+        return {m: f.B.double() @ f.A.double() for m, f in factors.items()}
+
+    before = dense(agg.effective_update(sim.state))
+    seen: list[tuple[Any, Any]] = []
+    sim.update_hook = lambda _t, start, update: seen.append((dense(start), update))
+    record = sim.run_round(t)
+    sim.update_hook = None
+    after = dense(agg.effective_update(sim.state))
+    total_w = sum(u.weight for _, u in seen)
+    change = {m: after[m] - before[m] for m in before}
+    parts: dict[str, dict[str, Any]] = {}
+    exact = {m: torch.zeros_like(before[m]) for m in before}
+    tail = {m: torch.zeros_like(before[m]) for m in before}
+    labels = [getattr(e, "label", None) for e in sim.examples]
+    info: dict[str, dict[str, Any]] = {}
+    for start, u in seen:
+        p = u.weight / total_w
+        up = dense(u.factors)
+        parts[f"client {u.client_id}"] = {m: p * (up[m] - start[m]) for m in before}
+        for m in before:
+            exact[m] += p * up[m]
+            tail[m] += p * (start[m] - before[m])
+        idx = sim.client_indices[int(u.client_id)]
+        ones = sum(labels[j] == 1 for j in idx) / len(idx)
+        info[f"client {u.client_id}"] = {"rank": sim.ranks[int(u.client_id)], "p": p, "ones": ones}
+    clients = list(parts)
+    for name, one in (("label-0 clients", False), ("label-1 clients", True)):
+        members = [k for k in clients if (info[k]["ones"] >= 0.5) == one]
+        if members:
+            parts[name] = {m: sum(parts[k][m] for k in members) for m in before}
+            info[name] = {"p": sum(info[k]["p"] for k in members), "ones": None, "rank": None}
+    parts["tail"] = tail
+    parts["server"] = {m: after[m] - exact[m] for m in before}
+    parts["total"] = change
+
+    tok_task, model = sim.task, sim.model
+    model.set_head(sim.head)
+
+    def probe_margin(delta: dict[str, Any]) -> tuple[float, float]:
+        model.set_base({m: (before[m] + delta[m]).float() for m in before})
+        margins = []
+        with torch.no_grad(), model.adapters_disabled():
+            model.peft.eval()
+            for i in range(0, len(probe), 64):
+                batch = tok_task.collate(probe[i : i + 64])
+                batch.pop("labels")
+                logits = model.peft(**{k: v.to(sim.device) for k, v in batch.items()}).logits
+                margins.append((logits[:, 1] - logits[:, 0]).double().cpu())
+        mg = torch.cat(margins)
+        return float(mg.mean()), float((mg > 0).double().mean())
+
+    zero = {m: torch.zeros_like(before[m]) for m in before}
+    base_margin, base_ones = probe_margin(zero)
+    norm2 = _dot(change, change)
+    rows = []
+    for name, part in parts.items():
+        mg, ones = probe_margin(part)
+        rows.append(
+            {
+                "part": name,
+                **info.get(name, {"rank": None, "p": None, "ones": None}),
+                "norm": math.sqrt(_dot(part, part)),
+                "share": _dot(part, change) / norm2 if norm2 else float("nan"),
+                "margin": mg - base_margin,
+                "pred_ones": ones - base_ones,
+            }
+        )
+    model.set_base(None)
+    return {
+        "round": t,
+        "train_loss": record.get("train_loss"),
+        "margin": base_margin,
+        "pred_ones": base_ones,
+        "rows": rows,
+        "after": after,
+    }
+
+
+def trace(args: argparse.Namespace) -> int:
+    """Print, per requested round of each run, how the round's global change splits
+    (:func:`trace_round`) and how closely the replayed round reproduces the checkpoint."""
+    import torch
+
+    from glora.sim.engine import Simulation
+    from glora.sim.rundir import RunDir
+
+    torch.set_num_threads(args.threads)
+    for run in args.runs:
+        cfg = _run_config(Path(run))
+        rd = RunDir(run)
+        have = set(rd.checkpoint_rounds())
+        sim = Simulation(cfg)
+        if getattr(getattr(sim.task, "spec", None), "num_labels", None) != 2:
+            raise SystemExit(f"{run}: trace's probe needs a 2-class GLUE task")
+        probe = list(sim.task.eval_examples())[: args.probe]
+        fresh = True
+        for t in _ints(args.rounds):
+            if t - 1 not in have and t > 1:
+                raise SystemExit(f"{run}: no checkpoint of round {t - 1} to replay round {t}")
+            if t > 1:
+                sim.restore(rd.load_checkpoint(t - 1))
+            elif not fresh:
+                sim = Simulation(cfg)
+            fresh = False
+            t0 = time.perf_counter()
+            out = trace_round(sim, t, probe)
+            check = ""
+            if t in have:
+                state = rd.load_checkpoint(t).state
+                sim.agg.load_state(state)
+                saved = {
+                    m: f.B.double() @ f.A.double()
+                    for m, f in sim.agg.effective_update(state).items()
+                }
+                diff = {m: out["after"][m] - saved[m] for m in saved}
+                rel = math.sqrt(_dot(diff, diff) / _dot(saved, saved))
+                check = f"; replay vs checkpoint: relative difference {rel:.1e}"
+            print(
+                f"\n{run}, round {t} ({time.perf_counter() - t0:.0f} s): train loss "
+                f"{out['train_loss']:.3f}; probe of {len(probe)} dev examples at U (new head): "
+                f"margin {out['margin']:+.3f}, predicted label 1 {out['pred_ones']:.3f}{check}\n"
+            )
+            print(
+                "| part | rank | weight | label-1 share | ‖part‖_F | share of ‖ΔU‖² "
+                "| Δ margin | Δ predicted label 1 |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for r in out["rows"]:
+                cells = [
+                    "" if r["rank"] is None else str(r["rank"]),
+                    "" if r["p"] is None else f"{r['p']:.3f}",
+                    "" if r["ones"] is None else f"{r['ones']:.2f}",
+                ]
+                print(
+                    f"| {r['part']} | " + " | ".join(cells) + f" | {r['norm']:.3f} | "
+                    f"{r['share']:+.3f} | {r['margin']:+.3f} | {r['pred_ones']:+.3f} |"
+                )
+    return 0
+
+
 def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="sst2,qnli,mrpc,rte")
     p.add_argument("--alphas", default="0.5,0.1", help="Dirichlet α values")
@@ -583,6 +755,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--rounds", default="", help="checkpointed rounds to read instead, e.g. 5,10")
     c = sub.add_parser("clients", help="each client of a run: rank, examples, label shares")
     c.add_argument("runs", nargs="+", help="run directories (with config.yaml)")
+    tr = sub.add_parser("trace", help="replay rounds of a run; split each round's change")
+    tr.add_argument("runs", nargs="+", help="run directories (with config.yaml, checkpoints)")
+    tr.add_argument("--rounds", required=True, help="rounds to replay, e.g. 5,15 (needs t-1)")
+    tr.add_argument("--probe", type=int, default=256, help="dev examples for the margin probe")
+    tr.add_argument("--threads", type=int, default=2, help="torch threads")
     d = sub.add_parser("dump-updates", help="save client updates of a run for `bench fidelity`")
     d.add_argument("config")
     d.add_argument("--rounds", default="", help="rounds to save (default: all)")
@@ -599,6 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return spectrum(args)
     if args.command == "clients":
         return clients(args)
+    if args.command == "trace":
+        return trace(args)
     return run_grid(args, ablation=args.command == "ablation")
 
 

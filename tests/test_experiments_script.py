@@ -175,3 +175,75 @@ def test_spectrum_and_clients_name_a_directory_that_is_not_a_run(tmp_path):
         mod.clients(argparse.Namespace(runs=[str(tmp_path)]))
     with pytest.raises(SystemExit, match=r"no config\.yaml here; pass a run directory"):
         mod.spectrum(argparse.Namespace(runs=[str(tmp_path)], rounds="1"))
+
+
+def _trace_rows(out: str) -> dict[str, list[str]]:
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| part")
+    ]
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_trace_replays_a_round_exactly_and_splits_its_change(tiny_run, capsys):
+    import torch
+
+    from glora import aggregators
+    from glora.sim.rundir import RunDir
+
+    mod = _load()
+    run = str(tiny_run.run_dir)
+    args = argparse.Namespace(runs=[run], rounds="1,2", probe=8, threads=1)
+    assert mod.trace(args) == 0
+    out = capsys.readouterr().out
+    rounds = out.split("\n" + run + ", round ")[1:]
+    assert [r.split(" ", 1)[0] for r in rounds] == ["1", "2"]
+    # the replayed rounds reproduce the checkpoints bit for bit
+    assert out.count("replay vs checkpoint: relative difference 0.0e+00") == 2
+    rows = _trace_rows(rounds[1])
+    assert list(rows) == [
+        "client 0",
+        "client 1",
+        *(k for k in ("label-0 clients", "label-1 clients") if k in rows),
+        "tail",
+        "server",
+        "total",
+    ]
+    assert [rows["client 0"][0], rows["client 1"][0]] == ["2", "4"]
+    assert abs(float(rows["client 0"][1]) + float(rows["client 1"][1]) - 1) <= 2e-3
+    # the parts add up to the round's change: their shares of ‖ΔU‖² sum to 1
+    parts = ("client 0", "client 1", "tail", "server")
+    assert abs(sum(float(rows[k][4]) for k in parts) - 1) <= 5e-3
+    assert rows["total"][4] == "+1.000"
+    # the total's norm is ‖U(2) − U(1)‖ from the checkpoints
+    cfg = mod._run_config(Path(run))
+    agg = aggregators.build(cfg.method.aggregator, **{"seed": cfg.seed, **cfg.method.options})
+    dense = []
+    for t in (1, 2):
+        state = RunDir(run).load_checkpoint(t).state
+        agg.load_state(state)
+        dense.append(
+            {m: f.B.double() @ f.A.double() for m, f in agg.effective_update(state).items()}
+        )
+    norm = sum(float(torch.linalg.matrix_norm(dense[1][m] - dense[0][m])) ** 2 for m in dense[0])
+    assert rows["total"][3] == f"{math.sqrt(norm):.3f}"
+
+
+def test_trace_names_what_it_cannot_replay(tiny_run, tmp_path):
+    from glora.config import validate_config
+    from glora.sim.engine import Simulation
+    from tests.sim.conftest import tiny_raw, write_glue
+
+    mod = _load()
+    args = argparse.Namespace(runs=[str(tiny_run.run_dir)], rounds="5", probe=8, threads=1)
+    with pytest.raises(SystemExit, match="no checkpoint of round 4 to replay round 5"):
+        mod.trace(args)
+    with pytest.raises(SystemExit, match=r"no config\.yaml here; pass a run directory"):
+        mod.trace(argparse.Namespace(runs=[str(tmp_path)], rounds="1", probe=8, threads=1))
+    raw = tiny_raw(
+        write_glue(tmp_path / "glue"), tmp_path / "out", method={"name": "fedsa", "pad": True}
+    )
+    sim = Simulation(validate_config(raw))
+    with pytest.raises(SystemExit, match=r"keep no local factors.*\(fedsa does\)"):
+        mod.trace_round(sim, 1, [])

@@ -66,6 +66,34 @@ def test_nan_client_is_dropped(glue_dir: Path, tmp_path: Path) -> None:
     assert all(torch.isfinite(f.B).all() for f in sim.global_effective().values())
 
 
+def test_update_hook_sees_each_kept_update_and_its_start(glue_dir: Path, tmp_path: Path) -> None:
+    cfg = validate_config(tiny_raw(glue_dir, tmp_path, training={"rounds": 2}))
+    seen: list[tuple[int, str, dict, object]] = []
+
+    def nan_client_1(cid: str, rnd: int, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if (cid == "1" and rnd == 2) else loss
+
+    sim = Simulation(cfg, loss_hook=nan_client_1)
+    readouts: dict[int, dict] = {}
+    real = sim.agg.aggregate
+
+    def aggregate(updates):
+        readouts[sim.round + 1] = {r: sim.agg.readout(sim.state, r) for r in (2, 4)}
+        assert [u for t, _, _, u in seen if t == sim.round + 1] == list(updates)
+        return real(updates)
+
+    sim.agg.aggregate = aggregate  # type: ignore[method-assign]
+    sim.update_hook = lambda t, start, u: seen.append((t, u.client_id, dict(start), u))
+    _, r2 = sim.run()
+    assert set(r2["dropped"]) == {"1"}
+    assert [(t, cid) for t, cid, _, _ in seen] == [(1, "0"), (1, "1"), (2, "0")]
+    for t, cid, start, _ in seen:
+        want = readouts[t][sim.ranks[int(cid)]]
+        for m, f in start.items():
+            assert f.A.dtype == torch.float32
+            assert torch.equal(f.A, want[m].A.float()) and torch.equal(f.B, want[m].B.float())
+
+
 def test_invalid_update_is_dropped(glue_dir: Path, tmp_path: Path, monkeypatch) -> None:
     cfg = validate_config(tiny_raw(glue_dir, tmp_path))
     sim = Simulation(cfg)

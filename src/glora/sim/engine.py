@@ -44,7 +44,10 @@ from glora.tasks import Task, build_task
 from glora.types import ClientUpdate, InvalidUpdate, LoRAFactors, ServerState
 from glora.validation import validate_updates
 
-__all__ = ["ClientStore", "Simulation", "client_partition", "resolve_device"]
+__all__ = ["ClientStore", "Simulation", "UpdateHook", "client_partition", "resolve_device"]
+
+UpdateHook = Callable[[int, Mapping[str, LoRAFactors], ClientUpdate], None]
+"""``hook(round, start, update)``: a kept client update and the factors the client started from."""
 
 
 def client_partition(config: RunConfig, task: Task, n_examples: int) -> list[list[int]]:
@@ -105,6 +108,7 @@ class _Outcome:
     bytes_down: int
     trained: dict[str, LoRAFactors]
     head: dict[str, Tensor]
+    start: dict[str, LoRAFactors]
 
 
 @dataclass
@@ -134,6 +138,9 @@ class Simulation:
         console: rich console for messages (None: quiet).
         progress: rich progress bars for rounds, clients and steps (None: no bars).
         loss_hook: ``hook(client_id, round, step, loss) -> loss`` (tests).
+        update_hook: called once per kept client update of a round, before aggregation, with
+            the round, the client's start factors (readout + local factors, float32) and its
+            :class:`ClientUpdate` (analysis tools such as ``scripts/experiments.py trace``).
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class Simulation:
         console: Console | None = None,
         progress: Progress | None = None,
         loss_hook: LossHook | None = None,
+        update_hook: UpdateHook | None = None,
     ) -> None:
         self.config = config
         self.task = task or build_task(config)
@@ -152,6 +160,7 @@ class Simulation:
         self.console = console
         self.progress = progress
         self.loss_hook = loss_hook
+        self.update_hook = update_hook
         self.device = resolve_device(config)
         self.seed = config.seed
         tr = config.training
@@ -266,7 +275,7 @@ class Simulation:
         result, trained, new_head, uploaded = done.result, done.trained, done.head, done.uploaded
         n = len(self.client_indices[i])
         if uploaded is None:
-            return _Outcome(None, result, 0, down, trained, new_head)
+            return _Outcome(None, result, 0, down, trained, new_head, start)
         factors = {
             m: LoRAFactors(
                 A=uploaded[m].A if "A" in plan.upload else start[m].A.float(),
@@ -277,7 +286,7 @@ class Simulation:
         extra = new_head if self._train_head and head_policy == "fedavg" else {}
         up = sum(f.nbytes(plan.upload) for f in factors.values()) + tensor_bytes(extra)
         update = ClientUpdate(client_id=cid, weight=float(n), factors=factors, extra=extra)
-        return _Outcome(update, result, up, down, trained, new_head)
+        return _Outcome(update, result, up, down, trained, new_head, start)
 
     def train_client(
         self,
@@ -383,6 +392,8 @@ class Simulation:
                     store.factors.setdefault(m, {})[which] = tensor.clone()
             if self.config.training.head == "local":
                 store.head = out.head
+            if self.update_hook is not None:
+                self.update_hook(t, out.start, u)
         s0 = time.perf_counter()
         aggregation_error = None
         if kept:
