@@ -86,13 +86,16 @@ def setting_name(task: str, alpha: float, ranks: str, participation: float) -> s
 
 
 def base_config(args: argparse.Namespace, task: str, alpha: float, ranks: str, part: float) -> dict:
-    """The shared config of one setting (method and seed are set per run by compare)."""
+    """The shared config of one setting (method and seed are set per run by compare), with
+    ``--set dotted.key=value`` overrides applied last."""
+    from glora.config import ConfigError, apply_overrides
+
     data: dict[str, Any] = {"task": task, "dir": args.data_dir}
     if args.max_train:
         data["max_train_examples"] = args.max_train
     if args.max_eval:
         data["max_eval_examples"] = args.max_eval
-    return {
+    raw = {
         "name": setting_name(task, alpha, ranks, part),
         "seed": 0,
         "model": {"name": args.model, "max_length": args.max_length},
@@ -114,6 +117,10 @@ def base_config(args: argparse.Namespace, task: str, alpha: float, ranks: str, p
             "eval_every": args.eval_every,
         },
     }
+    try:
+        return apply_overrides(raw, getattr(args, "set", None) or [])
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def method_specs(text: str) -> list[MethodSpec]:
@@ -729,6 +736,12 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default="runs/experiments", help="run directories (large)")
     p.add_argument("--pad", action="store_true", help="zero-pad same-rank methods on het ranks")
     p.add_argument("--dry-run", action="store_true", help="list the settings, run nothing")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config override of every run, e.g. training.use_rslora=true (repeatable)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

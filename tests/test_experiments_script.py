@@ -247,3 +247,31 @@ def test_trace_names_what_it_cannot_replay(tiny_run, tmp_path):
     sim = Simulation(validate_config(raw))
     with pytest.raises(SystemExit, match=r"keep no local factors.*\(fedsa does\)"):
         mod.trace_round(sim, 1, [])
+
+
+def test_grid_set_overrides_every_runs_config_and_names_a_bad_one():
+    from glora.config import validate_config
+
+    mod = _load()
+    args = argparse.Namespace(
+        data_dir="data",
+        max_train=None,
+        max_eval=None,
+        model="minilm",
+        max_length=64,
+        clients=10,
+        rounds=2,
+        local_steps=2,
+        batch_size=16,
+        lr=5e-3,
+        device="cpu",
+        eval_every=1,
+        set=["training.use_rslora=true", "training.lora_alpha=8"],
+    )
+    raw = mod.base_config(args, "sst2", 0.1, "het", 1.0)
+    cfg = validate_config(raw)
+    assert cfg.training.use_rslora is True and cfg.training.lora_alpha == 8
+    assert raw["federation"]["alpha"] == 0.1 and raw["training"]["lr"] == 5e-3  # the rest kept
+    args.set = ["training"]
+    with pytest.raises(SystemExit, match=r"expected dotted\.key=value"):
+        mod.base_config(args, "sst2", 0.1, "het", 1.0)
