@@ -563,11 +563,12 @@ def trace_round(sim: Any, t: int, probe: Sequence[Any]) -> dict[str, Any]:
     import torch
 
     agg = sim.agg
+    unsupported = SystemExit(
+        f"trace needs a rule whose clients keep no local factors and whose server merges "
+        f"nothing into the base weights ({agg.name} does); e.g. glora, fedit, flexlora, hetlora"
+    )
     if agg.client_plan(t).local or sim.state.base_delta:
-        raise SystemExit(
-            f"trace needs a rule whose clients keep no local factors and whose server keeps no "
-            f"merged base ({agg.name} does); use glora, fedit, flexlora, hetlora or fedex"
-        )
+        raise unsupported
 
     def dense(factors: Any) -> dict[str, Any]:
         return {m: f.B.double() @ f.A.double() for m, f in factors.items()}
@@ -577,6 +578,8 @@ def trace_round(sim: Any, t: int, probe: Sequence[Any]) -> dict[str, Any]:
     sim.update_hook = lambda _t, start, update: seen.append((dense(start), update))
     record = sim.run_round(t)
     sim.update_hook = None
+    if sim.state.base_delta:  # e.g. FedEx-LoRA folds its residual into the base in round 1
+        raise unsupported
     after = dense(agg.effective_update(sim.state))
     total_w = sum(u.weight for _, u in seen)
     change = {m: after[m] - before[m] for m in before}

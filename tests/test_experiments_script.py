@@ -247,6 +247,11 @@ def test_trace_names_what_it_cannot_replay(tiny_run, tmp_path):
     sim = Simulation(validate_config(raw))
     with pytest.raises(SystemExit, match=r"keep no local factors.*\(fedsa does\)"):
         mod.trace_round(sim, 1, [])
+    # FedEx-LoRA's base increment appears only after its first round: caught after the round
+    raw["method"] = {"name": "fedex", "pad": True}
+    sim = Simulation(validate_config(raw))
+    with pytest.raises(SystemExit, match=r"merges nothing into the base weights \(fedex does\)"):
+        mod.trace_round(sim, 1, [])
 
 
 def test_grid_set_overrides_every_runs_config_and_names_a_bad_one():
