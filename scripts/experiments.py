@@ -539,6 +539,11 @@ def dump_updates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense(factors: Any) -> dict[str, Any]:
+    """``B @ A`` of each module of a ``{module: LoRAFactors}`` mapping, float64 (``d×k``)."""
+    return {m: f.B.double() @ f.A.double() for m, f in factors.items()}
+
+
 def _dot(x: Any, y: Any) -> float:
     """``Σ_m ⟨x[m], y[m]⟩_F`` over the modules of two dicts of dense tensors."""
     return float(sum((x[m] * y[m]).sum() for m in x))
@@ -570,17 +575,14 @@ def trace_round(sim: Any, t: int, probe: Sequence[Any]) -> dict[str, Any]:
     if agg.client_plan(t).local or sim.state.base_delta:
         raise unsupported
 
-    def dense(factors: Any) -> dict[str, Any]:
-        return {m: f.B.double() @ f.A.double() for m, f in factors.items()}
-
-    before = dense(agg.effective_update(sim.state))
+    before = _dense(agg.effective_update(sim.state))
     seen: list[tuple[Any, Any]] = []
-    sim.update_hook = lambda _t, start, update: seen.append((dense(start), update))
+    sim.update_hook = lambda _t, start, update: seen.append((_dense(start), update))
     record = sim.run_round(t)
     sim.update_hook = None
     if sim.state.base_delta:  # e.g. FedEx-LoRA folds its residual into the base in round 1
         raise unsupported
-    after = dense(agg.effective_update(sim.state))
+    after = _dense(agg.effective_update(sim.state))
     total_w = sum(u.weight for _, u in seen)
     change = {m: after[m] - before[m] for m in before}
     parts: dict[str, dict[str, Any]] = {}
@@ -590,7 +592,7 @@ def trace_round(sim: Any, t: int, probe: Sequence[Any]) -> dict[str, Any]:
     info: dict[str, dict[str, Any]] = {}
     for start, u in seen:
         p = u.weight / total_w
-        up = dense(u.factors)
+        up = _dense(u.factors)
         parts[f"client {u.client_id}"] = {m: p * (up[m] - start[m]) for m in before}
         for m in before:
             exact[m] += p * up[m]
@@ -683,10 +685,7 @@ def trace(args: argparse.Namespace) -> int:
             if t in have:
                 state = rd.load_checkpoint(t).state
                 sim.agg.load_state(state)
-                saved = {
-                    m: f.B.double() @ f.A.double()
-                    for m, f in sim.agg.effective_update(state).items()
-                }
+                saved = _dense(sim.agg.effective_update(state))
                 diff = {m: out["after"][m] - saved[m] for m in saved}
                 rel = math.sqrt(_dot(diff, diff) / _dot(saved, saved))
                 check = f"; replay vs checkpoint: relative difference {rel:.1e}"
