@@ -100,8 +100,8 @@ def test_superlink_killed_then_resume(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        # A hang guard, not a timing check: on a loaded 2-core machine the first checkpoint
-        # (Flower start-up plus one round) was seen at ~65 s.
+        # A hang guard, not a timing check: on this 2-core machine, with nothing else running,
+        # the first checkpoint (Flower start-up plus one round) was seen at ~65 s.
         deadline = time.monotonic() + 300
         while not (run_dir / "checkpoints" / "round_0001").is_dir():
             assert launcher.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
