@@ -141,3 +141,39 @@ def test_cli_json(tmp_path):
     data = json.loads(res.output)
     assert {d["method"] for d in data} == {"fedit", "glora"}
     assert json.loads((tmp_path / "f.json").read_text()) == data
+
+
+def test_capture_updates_saves_what_the_aggregator_receives(tmp_path):
+    from glora.config import validate_config
+    from glora.sim.engine import Simulation
+    from tests.sim.conftest import tiny_raw, write_glue
+
+    glue = write_glue(tmp_path / "glue", n_train=32, n_dev=16)
+    cfg = validate_config(tiny_raw(glue, tmp_path / "out", training={"rounds": 2}))
+    sim = Simulation(cfg)
+    received: dict[int, list] = {}
+    starts: dict[int, dict] = {}
+    real = sim.agg.aggregate
+
+    def aggregate(updates):
+        received[sim.state.round + 1] = list(updates)
+        starts[sim.state.round + 1] = sim.agg.readout(sim.state, 4)
+        return real(updates)
+
+    sim.agg.aggregate = aggregate  # type: ignore[method-assign]
+    fid.capture_updates(sim, tmp_path / "updates", rounds=[2])
+    sim.run()
+    assert [p.name for p in (tmp_path / "updates").iterdir()] == ["round_0002"]
+    back = fid.load_updates(tmp_path / "updates" / "round_0002")
+    assert [(u.client_id, u.weight) for u in back] == [(u.client_id, u.weight) for u in received[2]]
+    for u, v in zip(received[2], back):
+        for m in u.factors:
+            assert torch.equal(u.factors[m].A, v.factors[m].A)
+            assert torch.equal(u.factors[m].B, v.factors[m].B)
+    ref = fid.load_reference(tmp_path / "updates" / "round_0002")
+    meta = json.loads((tmp_path / "updates" / "round_0002" / "clients.json").read_text())["meta"]
+    assert meta == {"round": 2, "method": "glora", "seed": 0}
+    assert ref is not None and set(ref) == set(starts[2])
+    for m, f in starts[2].items():
+        assert torch.equal(ref[m].A, f.A) and torch.equal(ref[m].B, f.B)
+    assert fid.updates_scenario(tmp_path / "updates" / "round_0002").updates

@@ -66,7 +66,7 @@ def test_nan_client_is_dropped(glue_dir: Path, tmp_path: Path) -> None:
     assert all(torch.isfinite(f.B).all() for f in sim.global_effective().values())
 
 
-def test_update_hook_sees_each_kept_update_and_its_start(glue_dir: Path, tmp_path: Path) -> None:
+def test_hooks_see_each_kept_update_its_start_and_the_round(glue_dir: Path, tmp_path: Path) -> None:
     cfg = validate_config(tiny_raw(glue_dir, tmp_path, training={"rounds": 2}))
     seen: list[tuple[int, str, dict, object]] = []
 
@@ -76,17 +76,25 @@ def test_update_hook_sees_each_kept_update_and_its_start(glue_dir: Path, tmp_pat
     sim = Simulation(cfg, loss_hook=nan_client_1)
     readouts: dict[int, dict] = {}
     real = sim.agg.aggregate
+    aggregated: list[list] = []
 
     def aggregate(updates):
-        readouts[sim.round + 1] = {r: sim.agg.readout(sim.state, r) for r in (2, 4)}
-        assert [u for t, _, _, u in seen if t == sim.round + 1] == list(updates)
+        aggregated.append(list(updates))
         return real(updates)
+
+    def before_aggregation(t, updates):
+        assert sim.state.round == t - 1  # still the state the clients started from
+        readouts[t] = {r: sim.agg.readout(sim.state, r) for r in (2, 4)}
+        assert [u for r, _, _, u in seen if r == t] == list(updates)
 
     sim.agg.aggregate = aggregate  # type: ignore[method-assign]
     sim.update_hook = lambda t, start, u: seen.append((t, u.client_id, dict(start), u))
+    sim.aggregate_hook = before_aggregation
     _, r2 = sim.run()
     assert set(r2["dropped"]) == {"1"}
     assert [(t, cid) for t, cid, _, _ in seen] == [(1, "0"), (1, "1"), (2, "0")]
+    assert sorted(readouts) == [1, 2]
+    assert [[u.client_id for u in ups] for ups in aggregated] == [["0", "1"], ["0"]]
     for t, cid, start, _ in seen:
         want = readouts[t][sim.ranks[int(cid)]]
         for m, f in start.items():

@@ -501,32 +501,27 @@ def updates_scenario(directory: str | Path, *, dtype: torch.dtype = torch.float6
 
 
 def capture_updates(sim: Any, directory: str | Path, rounds: Sequence[int] | None = None) -> None:
-    """Save the client updates each round of a running simulation hands to its aggregator.
+    """Save the client updates each round of a simulation hands to its aggregator.
 
-    Wraps ``sim.agg.aggregate`` (a :class:`glora.sim.engine.Simulation`): before aggregating round
-    ``t`` (``sim.round + 1``) in ``rounds`` (default: all), the kept updates and the global
-    adapter the clients started from (readout at the largest client rank) are written with
-    :func:`save_updates` to ``directory/round_XXXX``. Use the result with ``--updates``.
+    Sets ``sim.aggregate_hook`` (a :class:`glora.sim.engine.Simulation`): before aggregating
+    round ``t`` in ``rounds`` (default: all), the kept updates and the global adapter the clients
+    started from (its readout at the largest client rank) are written with :func:`save_updates`
+    to ``directory/round_XXXX``. Use the result with ``glora bench fidelity --updates``.
     """
     agg = sim.agg
-    original = agg.aggregate
     r_max = max(int(r) for r in sim.ranks)
     wanted = None if rounds is None else {int(r) for r in rounds}
 
-    def aggregate(updates: Sequence[ClientUpdate]) -> Any:
-        t = int(getattr(sim, "round", 0)) + 1
+    def hook(t: int, updates: Sequence[ClientUpdate]) -> None:
         if wanted is None or t in wanted:
-            state = agg.state
-            ref = agg.readout(state, r_max) if state is not None else None
             save_updates(
                 updates,
                 Path(directory) / f"round_{t:04d}",
-                reference=ref,
+                reference=agg.readout(sim.state, r_max),
                 meta={"round": t, "method": agg.name, "seed": getattr(sim, "seed", None)},
             )
-        return original(updates)
 
-    agg.aggregate = aggregate
+    sim.aggregate_hook = hook
 
 
 # ---------------------------------------------------------------------------- output

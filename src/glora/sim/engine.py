@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +44,20 @@ from glora.tasks import Task, build_task
 from glora.types import ClientUpdate, InvalidUpdate, LoRAFactors, ServerState
 from glora.validation import validate_updates
 
-__all__ = ["ClientStore", "Simulation", "UpdateHook", "client_partition", "resolve_device"]
+__all__ = [
+    "AggregateHook",
+    "ClientStore",
+    "Simulation",
+    "UpdateHook",
+    "client_partition",
+    "resolve_device",
+]
 
 UpdateHook = Callable[[int, Mapping[str, LoRAFactors], ClientUpdate], None]
 """``hook(round, start, update)``: a kept client update and the factors the client started from."""
+
+AggregateHook = Callable[[int, Sequence[ClientUpdate]], None]
+"""``hook(round, kept)``: a round's kept client updates, just before the server aggregates them."""
 
 
 def client_partition(config: RunConfig, task: Task, n_examples: int) -> list[list[int]]:
@@ -141,6 +151,9 @@ class Simulation:
         update_hook: called once per kept client update of a round, before aggregation, with
             the round, the client's start factors (readout + local factors, float32) and its
             :class:`ClientUpdate` (analysis tools such as ``scripts/experiments.py trace``).
+        aggregate_hook: called once per round that has kept updates, with the round and the
+            list the aggregator is about to receive, while ``self.state`` is still the state
+            the clients started from (:func:`glora.bench.fidelity.capture_updates`).
     """
 
     def __init__(
@@ -153,6 +166,7 @@ class Simulation:
         progress: Progress | None = None,
         loss_hook: LossHook | None = None,
         update_hook: UpdateHook | None = None,
+        aggregate_hook: AggregateHook | None = None,
     ) -> None:
         self.config = config
         self.task = task or build_task(config)
@@ -161,6 +175,7 @@ class Simulation:
         self.progress = progress
         self.loss_hook = loss_hook
         self.update_hook = update_hook
+        self.aggregate_hook = aggregate_hook
         self.device = resolve_device(config)
         self.seed = config.seed
         tr = config.training
@@ -394,6 +409,8 @@ class Simulation:
                 store.head = out.head
             if self.update_hook is not None:
                 self.update_hook(t, out.start, u)
+        if kept and self.aggregate_hook is not None:
+            self.aggregate_hook(t, kept)
         s0 = time.perf_counter()
         aggregation_error = None
         if kept:
