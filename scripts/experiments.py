@@ -534,7 +534,6 @@ def dump_updates(args: argparse.Namespace) -> int:
     last = max(_ints(args.rounds)) if args.rounds else cfg.training.rounds
     for t in range(1, min(last, cfg.training.rounds) + 1):
         sim.run_round(t)
-        sim.round = t
     print(f"saved updates under {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
