@@ -8,7 +8,8 @@ as unsupported in the report, or run with zero-padding under ``--pad``) plus the
 reference. Each setting is one ``glora compare`` report under ``<results>/<setting>/`` (small
 files: tables, plot, report.md); the run directories (checkpoints, adapters) go under
 ``<runs>/<setting>/``. Re-running the same command skips finished runs and resumes interrupted
-ones.
+ones; a finished run whose run directory is gone (a fresh clone) is skipped when the report's
+``records/`` keeps it with the same config, so more methods or seeds can be added later.
 
 Examples (a budget-shaped subset, then the GLoRA server-rank ablation)::
 

@@ -175,6 +175,78 @@ def test_report_reads_runs_kept_outside_the_report_dir(tmp_path, monkeypatch):
     assert 0.0 <= float(row["final_mean"]) <= 1.0
 
 
+def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path):
+    """A fresh clone has the committed report (with ``records/``) but not the runs: the finished
+    runs are reused from the records, only new methods run, and the table is unchanged."""
+    _require_data()
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs)
+    kept = json.loads((out / "records" / "glora-seed0.json").read_text())
+    metrics = [
+        json.loads(x) for x in (runs / "glora-seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert kept["config"]["method"]["name"] == "glora" and kept["config"]["seed"] == 0
+    assert "diagnostics" in metrics[0] and "diagnostics" not in kept["records"][0]
+    assert kept["records"] == [{k: v for k, v in metrics[0].items() if k != "diagnostics"}]
+    before = next(csv.DictReader((out / "table.csv").open()))
+
+    shutil.rmtree(runs)  # the large run directories are not committed
+    calls: list[str] = []
+
+    def spy(config, resume):
+        calls.append(config.name)
+        from glora.compare import default_runner
+
+        return default_runner(config, resume)
+
+    with pytest.raises(FileExistsError, match=r"records/glora-seed0\.json.*resume"):
+        run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=spy)
+    logs: list[str] = []
+    outcomes = run_compare(
+        cfg, "glora,flexlora", [0], out, resume=True, log=logs.append, runs_dir=runs, runner=spy
+    )
+    assert calls == ["flexlora-seed0"] and [o.status for o in outcomes] == ["done", "done"]
+    assert any("glora seed 0] finished earlier (kept in records/)" in m for m in logs)
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert rows["glora"]["final_mean"] == before["final_mean"]
+    assert (out / "records" / "flexlora-seed0.json").is_file()
+    write_report(out)  # report-only rebuild reads the kept records too
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert rows["glora"]["final_mean"] == before["final_mean"]
+
+    # a kept run of another configuration is refused, naming it and the key, before any run
+    calls.clear()
+    with pytest.raises(ValueError, match=r"(?s)glora seed 0.*records/glora-seed0.*training\.lr"):
+        run_compare(
+            cfg,
+            "glora",
+            [0],
+            out,
+            resume=True,
+            runs_dir=runs,
+            runner=spy,
+            overrides=["training.lr=0.5"],
+        )
+    assert calls == []
+    # more rounds than kept: the run is redone (the kept records reach only round 1)
+    outcomes = run_compare(
+        cfg,
+        "glora",
+        [0],
+        out,
+        resume=True,
+        runs_dir=runs,
+        runner=spy,
+        log=None,
+        overrides=["training.rounds=2"],
+    )
+    assert calls == ["glora-seed0"] and outcomes[0].status == "done"
+    kept = json.loads((out / "records" / "glora-seed0.json").read_text())
+    assert [r["round"] for r in kept["records"]] == [1, 2]
+
+
 def test_paired_differences_pair_by_seed():
     from glora.compare import paired_differences
 

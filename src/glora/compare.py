@@ -14,11 +14,16 @@ for one seed every method sees the same data splits, client ranks and client sam
 * ``<metric>_vs_round.png``: one line per method (mean over seeds), band = ± one std;
 * ``train_loss_vs_round.png``: the same for the round's mean client training loss;
 * ``status.json``: every run's status (done, unsupported with the reason, failed) and wall time;
+* ``records/<run>.json``: each finished run's config and round records without the per-module
+  diagnostics (~25 kB for 100 rounds): what the report is built from, small enough to commit;
 * ``report.md``: ties them together.
 
 The grid is resumable: a finished run is skipped, an interrupted one is resumed through the
-simulator's resume (``resume=True``). Methods that cannot run the setting (e.g. mixed ranks with a
-same-rank rule and no padding) are listed with the reason, not dropped.
+simulator's resume (``resume=True``). A finished run whose run directory is gone (a fresh clone of
+a repository that commits the report but not the runs) is skipped too when ``records/`` holds it
+under the same configuration, so a comparison can be extended with more methods or seeds later.
+Methods that cannot run the setting (e.g. mixed ranks with a same-rank rule and no padding) are
+listed with the reason, not dropped.
 
 Python API: :func:`run_compare` (runs + report) and :func:`write_report` (report only).
 """
@@ -237,8 +242,71 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _finished(run_dir: Path, rounds: int) -> bool:
-    recs = _read_metrics(run_dir)
+    return _reaches(_read_metrics(run_dir), rounds)
+
+
+def _reaches(recs: Sequence[Mapping[str, Any]], rounds: int) -> bool:
     return bool(recs) and max(int(r.get("round", 0)) for r in recs) >= rounds
+
+
+# ---------------------------------------------------------------------------- kept records
+#: the report directory's subdirectory that keeps each finished run's records
+RECORDS = "records"
+#: config keys a kept run may differ on and still be reused, beyond ``glora.sim.RESUMABLE_KEYS``:
+#: where the data directory is (a fresh clone may keep ``../shared`` elsewhere; the task and
+#: its subsample are compared)
+_KEPT_IGNORE = ("data.dir",)
+
+
+def _kept_path(out: Path, run_name: str) -> Path:
+    return out / RECORDS / f"{run_name}.json"
+
+
+def _keep_records(out: Path, run_dir: Path) -> None:
+    """Write ``out/records/<run>.json``: the run's saved config and its round records without
+    ``diagnostics`` (per-module spectra, the bulk of ``metrics.jsonl``); atomic."""
+    import yaml
+
+    if not (run_dir / "config.yaml").is_file():  # not a simulator run directory: nothing to reuse
+        return
+    recs = [{k: v for k, v in r.items() if k != "diagnostics"} for r in _read_metrics(run_dir)]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    path = _kept_path(out, run_dir.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"config": config, "records": recs}) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_kept(out: Path, run_name: str) -> dict[str, Any] | None:
+    path = _kept_path(out, run_name)
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return kept if isinstance(kept, dict) and isinstance(kept.get("records"), list) else None
+
+
+def _kept_changes(kept: Mapping[str, Any], config: RunConfig) -> list[str]:
+    """The config keys on which the kept run differs from ``config`` (empty: reusable)."""
+    from glora.sim import config_changes
+
+    try:
+        saved = validate_config(dict(kept.get("config") or {}))
+    except ConfigError as exc:
+        return [f"its saved config is not valid ({exc})"]
+    return config_changes(saved, config, ignore=_KEPT_IGNORE)
+
+
+def _run_records(out: Path, run_dir: str) -> list[dict[str, Any]]:
+    """A run's round records: from its run directory, else from the report's kept copy."""
+    path = out / run_dir
+    if (path / "metrics.jsonl").is_file():
+        return _read_metrics(path)
+    kept = _read_kept(out, Path(run_dir).name)
+    return list(kept["records"]) if kept else []
 
 
 def _holds_run(run_dir: Path) -> bool:
@@ -270,8 +338,10 @@ def _check_existing_runs(
     seeds: Sequence[int],
     runs_dir: Path,
     resume: bool,
+    out: Path,
 ) -> None:
-    """Refuse, before any run starts, run directories that would be overwritten or misread.
+    """Refuse, before any run starts, run directories (or, where a run directory is gone, the
+    report's kept records) that would be overwritten or misread.
 
     Raises:
         FileExistsError: without ``resume``, a planned run directory already holds a run.
@@ -285,6 +355,21 @@ def _check_existing_runs(
             except (ConfigError, UnsupportedRanks):
                 continue  # reported as unsupported by the run loop
             if not _holds_run(cfg.run_dir):
+                kept = _read_kept(out, cfg.run_dir.name)
+                if kept is None:
+                    continue
+                where = _kept_path(out, cfg.run_dir.name)
+                if not resume:
+                    raise FileExistsError(
+                        f"{where} keeps a finished run; pass resume=True (--resume) to reuse "
+                        "it, or choose another output directory"
+                    )
+                changed = _kept_changes(kept, cfg)
+                if changed:
+                    stale.append(
+                        f"[{spec.label} seed {seed}] {where} keeps a run with "
+                        f"{', '.join(changed)} changed"
+                    )
                 continue
             if not resume:
                 raise FileExistsError(
@@ -361,7 +446,7 @@ def run_compare(
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _check_existing_runs(base, specs, seeds, runs_dir, resume)
+    _check_existing_runs(base, specs, seeds, runs_dir, resume, out)
     runner = runner or default_runner
     say = log or (lambda _m: None)
     previous = _load_status(out) if resume else {}
@@ -384,7 +469,14 @@ def run_compare(
             prev = previous.get(f"{spec.label}|{seed}", {})
             if _finished(run_dir, cfg.training.rounds):  # resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
+                _keep_records(out, run_dir)
                 say(f"[{spec.label} seed {seed}] finished earlier: skipped")
+                continue
+            kept = None if _holds_run(run_dir) or not resume else _read_kept(out, run_dir.name)
+            if kept is not None and _reaches(kept["records"], cfg.training.rounds):
+                # its config was checked above; the run directory itself is gone
+                o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
+                say(f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): skipped")
                 continue
             again = _holds_run(run_dir)
             say(f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}")
@@ -398,7 +490,9 @@ def run_compare(
             else:
                 ok = _finished(run_dir, cfg.training.rounds)
                 o.status = "done" if ok else "failed"
-                if not ok:
+                if ok:
+                    _keep_records(out, run_dir)
+                else:
                     o.reason = "the run ended before its last round"
             o.wall_seconds = float(prev.get("wall_seconds", 0.0)) + time.perf_counter() - t0
             if o.status != "done":
@@ -559,7 +653,7 @@ def write_report(
     labels = list(dict.fromkeys(o.label for o in outcomes))
     _check_reference(reference, labels)
     records = {
-        (o.label, o.seed): _read_metrics(out / o.run_dir) if o.status == "done" else []
+        (o.label, o.seed): _run_records(out, o.run_dir) if o.status == "done" else []
         for o in outcomes
     }
     all_recs = [r for recs in records.values() for r in recs]

@@ -28,6 +28,7 @@ __all__ = [
     "RunDirError",
     "RunResult",
     "Simulation",
+    "config_changes",
     "resume_config",
     "run_experiment",
 ]
@@ -64,6 +65,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_changes(saved: RunConfig, new: RunConfig, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted config keys on which ``new`` differs from ``saved``, sorted, leaving out
+    ``name``, :data:`RESUMABLE_KEYS` and ``ignore`` (empty: ``new`` may resume or reuse
+    ``saved``'s run)."""
+    a, b = _flatten(saved.to_yaml_dict()), _flatten(new.to_yaml_dict())
+    skip = {"name", *RESUMABLE_KEYS, *ignore}
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in skip)
+
+
 def resume_config(run_dir: str | Path, new: RunConfig | None = None) -> RunConfig:
     """The config to resume ``run_dir`` with: its saved config, or ``new`` when compatible.
 
@@ -79,9 +89,7 @@ def resume_config(run_dir: str | Path, new: RunConfig | None = None) -> RunConfi
             "output": cfg.output.model_copy(update={"dir": str(rd.path.parent)}),
         }
     )
-    a, b = _flatten(saved.to_yaml_dict()), _flatten(cfg.to_yaml_dict())
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS)
-    diff = [k for k in diff if k != "name"]
+    diff = config_changes(saved, cfg)
     if diff:
         raise RunDirError(
             f"cannot resume {str(rd.path)!r} with a different configuration ({', '.join(diff)} "
