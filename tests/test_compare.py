@@ -247,6 +247,43 @@ def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path
     assert [r["round"] for r in kept["records"]] == [1, 2]
 
 
+def test_report_counts_single_class_runs_and_evaluations(tmp_path):
+    """Runs whose evaluations give ≥ 99 % of the examples one class are counted in the report:
+    their accuracy is a class's share, not something learned."""
+    from glora.compare import RunOutcome
+
+    shares = {("glora", 0): [1.0, 1.0], ("glora", 1): [0.7, 0.995], ("fedit", 0): [0.6, 0.6]}
+    outcomes = []
+    for (label, seed), ss in shares.items():
+        run = tmp_path / "runs" / f"{label}-seed{seed}"
+        run.mkdir(parents=True)
+        lines = [
+            json.dumps({"round": i + 1, "metrics": {"accuracy": 0.5, "top_prediction_share": v}})
+            for i, v in enumerate(ss)
+        ]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        outcomes.append(RunOutcome(label, label, seed, "done", run_dir=f"runs/{run.name}"))
+    write_report(tmp_path, outcomes, base={"data": {"task": "sst2"}}, metric="accuracy")
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "table.csv").open())}
+    assert (rows["glora"]["one_class_finals"], rows["glora"]["one_class_evals"]) == ("2", "3")
+    assert rows["glora"]["evals_with_share"] == "4"
+    assert (rows["fedit"]["one_class_finals"], rows["fedit"]["one_class_evals"]) == ("0", "0")
+    report = (tmp_path / "report.md").read_text()
+    assert "## Single-class predictions" in report
+    assert "| glora | 2/2 | 3/4 |" in report and "| fedit | 0/1 | 0/2 |" in report
+    per_seed = list(csv.DictReader((tmp_path / "per_seed.csv").open()))
+    assert [float(r["final_top_share"]) for r in per_seed] == [1.0, 0.995, 0.6]
+    # records without the key (older runs, regression tasks): no section, empty cells
+    for o in outcomes:
+        (tmp_path / o.run_dir / "metrics.jsonl").write_text(
+            json.dumps({"round": 1, "metrics": {"accuracy": 0.5}}) + "\n"
+        )
+    write_report(tmp_path, outcomes, base={"data": {"task": "sst2"}}, metric="accuracy")
+    assert "Single-class" not in (tmp_path / "report.md").read_text()
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "table.csv").open())}
+    assert rows["glora"]["one_class_finals"] == ""
+
+
 def test_paired_differences_pair_by_seed():
     from glora.compare import paired_differences
 

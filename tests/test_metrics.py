@@ -59,3 +59,13 @@ def test_bad_inputs() -> None:
         glue_metrics("sst2", [], [])
     with pytest.raises(ValueError, match="unknown GLUE task"):
         glue_metrics("squad", [1], [1])
+
+
+def test_top_prediction_share() -> None:
+    from glora.data.glue import top_prediction_share
+
+    assert top_prediction_share([1, 1, 1, 1]) == 1.0
+    assert top_prediction_share([0, 1, 1, 2]) == 0.5
+    assert top_prediction_share([2, 2, 0]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="zero predictions"):
+        top_prediction_share([])

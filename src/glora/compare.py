@@ -16,7 +16,9 @@ for one seed every method sees the same data splits, client ranks and client sam
 * ``status.json``: every run's status (done, unsupported with the reason, failed) and wall time;
 * ``records/<run>.json``: each finished run's config and round records without the per-module
   diagnostics (~25 kB for 100 rounds): what the report is built from, small enough to commit;
-* ``report.md``: ties them together.
+* ``report.md``: ties them together; where the evaluations record ``top_prediction_share``
+  (classification), it counts the runs and evaluations that predict one class for at least 99 %
+  of the examples, whose metric says which class they predict rather than what they learned.
 
 The grid is resumable: a finished run is skipped, an interrupted one is resumed through the
 simulator's resume (``resume=True``). A finished run whose run directory is gone (a fresh clone of
@@ -50,6 +52,7 @@ from glora.config import (
     read_raw,
     validate_config,
 )
+from glora.data.glue import TOP_PREDICTION_SHARE
 from glora.types import UnsupportedRanks
 
 __all__ = [
@@ -247,6 +250,11 @@ def _finished(run_dir: Path, rounds: int) -> bool:
 
 def _reaches(recs: Sequence[Mapping[str, Any]], rounds: int) -> bool:
     return bool(recs) and max(int(r.get("round", 0)) for r in recs) >= rounds
+
+
+#: a run's evaluation counts as one class when at least this share of the examples get the
+#: most-predicted class (``top_prediction_share``)
+ONE_CLASS_SHARE = 0.99
 
 
 # ---------------------------------------------------------------------------- kept records
@@ -664,13 +672,21 @@ def write_report(
     curves: dict[str, dict[int, list[float]]] = {}
     loss_curves: dict[str, dict[int, list[float]]] = {}
     per_seed: list[dict[str, Any]] = []
+    one_class: dict[str, tuple[int, int, int, int]] = {}  # finals one-class/with share, evals
     for label in labels:
         runs = [o for o in outcomes if o.label == label]
         done = [o for o in runs if o.status == "done"]
         finals, bests, up, down, srv, wall = [], [], [], [], [], []
+        n_final = n_final_share = n_eval = n_eval_share = 0
         for o in done:
             recs = records[(o.label, o.seed)]
             s = _series(recs, metric)
+            shares = _series(recs, TOP_PREDICTION_SHARE)
+            if shares:
+                n_final_share += 1
+                n_final += shares[max(shares)] >= ONE_CLASS_SHARE
+                n_eval_share += len(shares)
+                n_eval += sum(v >= ONE_CLASS_SHARE for v in shares.values())
             if s:
                 final, best = s[max(s)], better(s.values())
                 finals.append(final)
@@ -682,6 +698,7 @@ def write_report(
                         "final": final,
                         "best": best,
                         "curve": json.dumps({str(k): v for k, v in sorted(s.items())}),
+                        "final_top_share": shares[max(shares)] if shares else math.nan,
                     }
                 )
                 for rnd, v in s.items():
@@ -692,6 +709,8 @@ def write_report(
             down.append(_avg(recs, "bytes_down"))
             srv.append(_avg(recs, "server_seconds"))
             wall.append(o.wall_seconds)
+        if n_final_share:
+            one_class[label] = (n_final, n_final_share, n_eval, n_eval_share)
         reasons = sorted(
             {o.reason.splitlines()[0] for o in runs if o.status != "done" and o.reason}
         )
@@ -714,6 +733,9 @@ def write_report(
                 "bytes_down_per_round": _mean_std([x for x in down if not math.isnan(x)])[0],
                 "server_seconds_per_round": _mean_std([x for x in srv if not math.isnan(x)])[0],
                 "wall_seconds": sum(wall),
+                "one_class_finals": one_class[label][0] if label in one_class else "",
+                "one_class_evals": one_class[label][2] if label in one_class else "",
+                "evals_with_share": one_class[label][3] if label in one_class else "",
                 "reason": "; ".join(reasons),
             }
         )
@@ -741,7 +763,9 @@ def write_report(
     (out / "table.md").write_text("\n".join(table_md) + "\n", encoding="utf-8")
 
     with open(out / "per_seed.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "seed", "final", "best", "curve"])
+        w = csv.DictWriter(
+            f, fieldnames=["method", "seed", "final", "best", "curve", "final_top_share"]
+        )
         w.writeheader()
         w.writerows(per_seed)
     if reference is None:
@@ -837,6 +861,24 @@ def write_report(
         *cost_md,
         "",
     ]
+    if one_class:
+        pct = f"{ONE_CLASS_SHARE:.0%}"
+        lines += [
+            "## Single-class predictions",
+            "",
+            f"A run is on one class when at least {pct} of the evaluation examples get the "
+            "same predicted class (`top_prediction_share`): its metric then says which class it "
+            "predicts, not what it learned, and a difference between two such runs is the "
+            "difference between the two classes' shares.",
+            "",
+            "| method | final evaluation on one class (seeds) | evaluations on one class |",
+            "|---|---|---|",
+            *(
+                f"| {label} | {nf}/{nfs} | {ne}/{nes} |"
+                for label, (nf, nfs, ne, nes) in one_class.items()
+            ),
+            "",
+        ]
     not_run = [r for r in rows if r["seeds_done"] < r["seeds"]]
     if not_run:
         lines += ["## Methods that did not run (or not on every seed)", ""]
@@ -851,7 +893,8 @@ def write_report(
         "`table.csv`/`table.md` (metric table), `per_seed.csv` (every run's final, best and "
         "curve), `paired.csv` (seed-paired differences), `cost.csv`/`cost.md` (cost), "
         f"`{plot.name}` and `{loss_plot.name}` (curves), `status.json` (every run), "
-        "`runs/<method>-seed<seed>/` (run dirs).",
+        "`records/` (each finished run's config and round records), and the run directories "
+        "(`runs/<method>-seed<seed>/` unless kept elsewhere).",
         "",
     ]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

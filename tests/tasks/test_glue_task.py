@@ -53,7 +53,11 @@ def test_sst2_batch_and_eval(glue: Path, tmp_path: Path) -> None:
     assert batch["labels"].dtype == torch.long and batch["input_ids"].shape[0] == 4
     assert set(task.partition_keys()) == {0, 1}
     metrics = task.evaluate(model)
-    assert set(metrics) == {"accuracy"} and task.primary_metric() == "accuracy"
+    assert set(metrics) == {"accuracy", "top_prediction_share"}
+    assert task.primary_metric() == "accuracy"
+    # the share of the most-predicted class, from the same predictions the accuracy used
+    preds = task.predict(model, task.eval_examples())
+    assert metrics["top_prediction_share"] == max((preds == c).mean() for c in set(preds.tolist()))
     # deterministic model construction (the exported adapter relies on it)
     again, _ = task.build_model()
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):

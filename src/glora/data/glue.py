@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 __all__ = [
     "GLUE_TASKS",
+    "TOP_PREDICTION_SHARE",
     "DataNotFoundError",
     "GlueTaskSpec",
     "TextExample",
@@ -27,7 +28,11 @@ __all__ = [
     "load_glue",
     "primary_metric",
     "subsample",
+    "top_prediction_share",
 ]
+
+#: evaluation key of :func:`top_prediction_share` (classification tasks)
+TOP_PREDICTION_SHARE = "top_prediction_share"
 
 Split = Literal["train", "dev"]
 
@@ -427,6 +432,18 @@ def load_glue(
 def primary_metric(task: str) -> str:
     """The headline metric of ``task``: accuracy, f1 (mrpc/qqp), mcc (cola) or pearson (stsb)."""
     return get_task_spec(task).primary
+
+
+def top_prediction_share(predictions: Sequence[int] | Any) -> float:
+    """The share of ``predictions`` (class indices, shape ``(n,)``, ``n > 0``) that fall in the
+    most-predicted class: 1.0 when the model gives every example one class, whatever its
+    accuracy says (a model that ignores its input scores the class's share of the labels)."""
+    import numpy as np
+
+    preds = np.asarray(predictions).astype(int).ravel()
+    if preds.size == 0:
+        raise ValueError("cannot compute a prediction share of zero predictions")
+    return float(np.bincount(preds - preds.min()).max() / preds.size)
 
 
 def glue_metrics(

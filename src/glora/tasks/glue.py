@@ -11,11 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from glora.data.glue import (
+    TOP_PREDICTION_SHARE,
     DataNotFoundError,
     TextExample,
     get_task_spec,
     glue_metrics,
     load_glue,
+    top_prediction_share,
 )
 from glora.linalg import derive_seed
 from glora.sim.model import TINY_BERT, ModelNotFoundError, resolve_model_source, seeded
@@ -200,12 +202,17 @@ class GlueTask(Task):
     def evaluate(
         self, model: nn.Module, *, max_examples: int | None = None, batch_size: int = 64
     ) -> dict[str, float]:
+        """The task's GLUE metrics on the dev split and, for classification, the share of the
+        examples predicted as the most-predicted class (``top_prediction_share``)."""
         examples = self.eval_examples()
         if max_examples is not None:
             examples = examples[:max_examples]
         preds = self.predict(model, examples, batch_size)
         labels = [e.label for e in examples]
-        return glue_metrics(self.spec.name, preds, labels)
+        out = glue_metrics(self.spec.name, preds, labels)
+        if not self.spec.is_regression:  # a diagnostic beside the task's metrics
+            out[TOP_PREDICTION_SHARE] = top_prediction_share(preds)
+        return out
 
     def primary_metric(self) -> str:
         return self.spec.primary
