@@ -216,10 +216,9 @@ def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path
     rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
     assert rows["glora"]["final_mean"] == before["final_mean"]
 
-    # a kept run of another configuration is refused, naming it and the key, before any run
-    calls.clear()
-    with pytest.raises(ValueError, match=r"(?s)glora seed 0.*records/glora-seed0.*training\.lr"):
-        run_compare(
+    def resume_glora(override: str) -> list:
+        """Resume the kept glora run under one config override."""
+        return run_compare(
             cfg,
             "glora",
             [0],
@@ -227,21 +226,17 @@ def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path
             resume=True,
             runs_dir=runs,
             runner=spy,
-            overrides=["training.lr=0.5"],
+            log=None,
+            overrides=[override],
         )
+
+    # a kept run of another configuration is refused, naming it and the key, before any run
+    calls.clear()
+    with pytest.raises(ValueError, match=r"(?s)glora seed 0.*records/glora-seed0.*training\.lr"):
+        resume_glora("training.lr=0.5")
     assert calls == []
     # more rounds than kept: the run is redone (the kept records reach only round 1)
-    outcomes = run_compare(
-        cfg,
-        "glora",
-        [0],
-        out,
-        resume=True,
-        runs_dir=runs,
-        runner=spy,
-        log=None,
-        overrides=["training.rounds=2"],
-    )
+    outcomes = resume_glora("training.rounds=2")
     assert calls == ["glora-seed0"] and outcomes[0].status == "done"
     kept = json.loads((out / "records" / "glora-seed0.json").read_text())
     assert [r["round"] for r in kept["records"]] == [1, 2]
