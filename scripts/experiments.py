@@ -159,9 +159,7 @@ def ablation_specs(ranks: str, clients: int, modes: Sequence[str]) -> list[Metho
 def run_grid(args: argparse.Namespace, ablation: bool) -> int:
     """Run every setting of the grid through ``run_compare``; print and index the wall time."""
     results = Path(args.results)
-    index_path = results / "index.json"
     results.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = json.loads(index_path.read_text()) if index_path.is_file() else {}
     total = 0.0
     for task in _strs(args.tasks):
         for alpha in _floats(args.alphas):
@@ -200,7 +198,7 @@ def run_grid(args: argparse.Namespace, ablation: bool) -> int:
                     total += wall
                     run_wall = sum(o.wall_seconds for o in outcomes)
                     done = sum(o.status == "done" for o in outcomes)
-                    index[name] = {
+                    entry = {
                         "runs_done": done,
                         "runs": len(outcomes),
                         "wall_seconds_all_runs": round(run_wall, 1),
@@ -215,14 +213,26 @@ def run_grid(args: argparse.Namespace, ablation: bool) -> int:
                         f"== {name}: {done}/{len(outcomes)} runs done; this call {wall:.1f} s, "
                         f"all runs {run_wall:.1f} s; report {results / name / 'report.md'}"
                     )
-                    _write_index(results, index)
+                    _update_index(results, name, entry)
     if not args.dry_run:
         print(f"total wall time of this call: {total:.1f} s")
     return 0
 
 
+def _update_index(results: Path, name: str, entry: dict[str, Any]) -> None:
+    """Set ``name``'s entry of ``results/index.json`` (and ``index.md``), re-reading the file
+    first: two grid processes on other settings of one results directory keep each other's
+    entries (each writes only after a whole setting, a few seconds apart at the closest)."""
+    path = results / "index.json"
+    index: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    index[name] = entry
+    _write_index(results, index)
+
+
 def _write_index(results: Path, index: dict[str, Any]) -> None:
-    (results / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    tmp = results / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.replace(results / "index.json")
     lines = [
         "# Experiment results",
         "",

@@ -242,6 +242,23 @@ def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path
     assert [r["round"] for r in kept["records"]] == [1, 2]
 
 
+def test_a_run_started_afresh_does_not_add_the_previous_runs_wall_time(tmp_path):
+    """status.json keeps a finished run's wall time; when that run is run again from scratch
+    (its directory gone, no kept records) the new time replaces it instead of adding to it."""
+    _require_data()
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs)
+    status = json.loads((out / "status.json").read_text())
+    status["runs"][0]["wall_seconds"] = 1e6  # a previous session's time, far above this run's
+    (out / "status.json").write_text(json.dumps(status))
+    shutil.rmtree(runs)
+    shutil.rmtree(out / "records")
+    (outcome,) = run_compare(cfg, "glora", [0], out, resume=True, log=None, runs_dir=runs)
+    assert outcome.status == "done" and 0 < outcome.wall_seconds < 1e5
+
+
 def test_report_counts_single_class_runs_and_evaluations(tmp_path):
     """Runs whose evaluations give ≥ 99 % of the examples one class are counted in the report:
     their accuracy is a class's share, not something learned."""

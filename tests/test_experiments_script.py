@@ -280,3 +280,16 @@ def test_grid_set_overrides_every_runs_config_and_names_a_bad_one():
     args.set = ["training"]
     with pytest.raises(SystemExit, match=r"expected dotted\.key=value"):
         mod.base_config(args, "sst2", 0.1, "het", 1.0)
+
+
+def test_index_update_keeps_entries_written_by_another_process(tmp_path):
+    mod = _load()
+    entry = {"runs_done": 39, "runs": 39, "wall_seconds_all_runs": 3000.0, "rounds": 15}
+    entry |= {"local_steps": 2, "max_train": 2000, "max_eval": 500, "seeds": [0, 1, 2]}
+    mod._update_index(tmp_path, "sst2-a0.5-hom-p1", entry)
+    # another grid process, started earlier on another setting, writes its entry afterwards
+    mod._update_index(tmp_path, "sst2-a0.1-hom-p1", entry)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert set(index) == {"sst2-a0.5-hom-p1", "sst2-a0.1-hom-p1"}
+    assert "sst2-a0.5-hom-p1" in (tmp_path / "index.md").read_text()
+    assert not (tmp_path / "index.json.tmp").exists()

@@ -502,7 +502,10 @@ def run_compare(
                     _keep_records(out, run_dir)
                 else:
                     o.reason = "the run ended before its last round"
-            o.wall_seconds = float(prev.get("wall_seconds", 0.0)) + time.perf_counter() - t0
+            # a resumed run adds to the time it had already spent; a run started afresh (its
+            # directory gone, or kept records that fall short) counts from zero
+            spent = float(prev.get("wall_seconds", 0.0)) if again else 0.0
+            o.wall_seconds = spent + time.perf_counter() - t0
             if o.status != "done":
                 say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
             _save_status(out, outcomes, meta)
