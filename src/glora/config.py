@@ -31,7 +31,8 @@ A config is a YAML file with the sections below (defaults shown)::
 * ``training.head``: ``fedavg`` (train + FedAvg), ``local`` (each client keeps its own head; the
   global model is evaluated with the FedAvg of the heads) or ``frozen``.
 * Further ``training`` fields: ``eval_batch_size`` (64), ``weight_decay`` (0), ``lora_dropout``
-  (0), ``num_threads`` (CPU threads; null = the CPUs this process may use),
+  (0), ``num_threads`` (CPU threads; null = the CPUs this process may use; a seed reproduces
+  a run bit for bit only on the same thread count, since it sets the summation order),
   ``personalized_eval_examples`` (200: dev examples per client in the personalised evaluation).
 
 :func:`load_config` reads a file, applies ``--set`` overrides and validates; errors are raised
