@@ -45,6 +45,7 @@ from typing import Any
 
 from glora import aggregators
 from glora.compare import MethodSpec, paired_differences, parse_methods, run_compare
+from glora.fileio import write_text_atomic
 
 HET_RANKS = [2, 4, 8, 16]
 HOM_RANK = 8
@@ -230,9 +231,7 @@ def _update_index(results: Path, name: str, entry: dict[str, Any]) -> None:
 
 
 def _write_index(results: Path, index: dict[str, Any]) -> None:
-    tmp = results / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(results / "index.json")
+    write_text_atomic(results / "index.json", json.dumps(index, indent=2) + "\n")
     lines = [
         "# Experiment results",
         "",

@@ -363,3 +363,61 @@ def test_report_per_seed_and_paired_from_run_records(tmp_path):
     write_report(tmp_path, outcomes, base={}, metric="accuracy", reference="fedit")
     (paired,) = list(csv.DictReader((tmp_path / "paired.csv").open()))
     assert paired["method"] == "glora" and paired["reference"] == "fedit"
+
+
+def test_calls_on_disjoint_seeds_share_status_json(tmp_path):
+    """Two calls (e.g. two processes) that run other seeds into one report directory keep each
+    other's status entries and wall times; a last call over all seeds skips every finished run
+    and reports both wall times. A call of another base config replaces the file whole."""
+    from glora.compare import RunOutcome
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    times = {0: 11.0, 1: 22.0}
+
+    def fake(config, resume):
+        """Write a finished one-round run directory, without training."""
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
+        rec = {"round": 1, "metrics": {"accuracy": 0.5 + config.seed / 10}}
+        (config.run_dir / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+
+    for seed in (0, 1):  # as two processes would, one seed each
+        run_compare(cfg, "glora", [seed], out, resume=True, log=None, runs_dir=runs, runner=fake)
+        status = json.loads((out / "status.json").read_text())
+        (entry,) = [r for r in status["runs"] if r["seed"] == seed]
+        entry["wall_seconds"] = times[seed]  # stand-ins for measured times
+        (out / "status.json").write_text(json.dumps(status))
+    status = json.loads((out / "status.json").read_text())
+    assert sorted(r["key"] for r in status["runs"]) == ["glora|0", "glora|1"]
+    assert status["seeds"] == [0, 1]
+
+    calls: list[str] = []
+    outcomes = run_compare(
+        cfg,
+        "glora",
+        [0, 1],
+        out,
+        resume=True,
+        log=None,
+        runs_dir=runs,
+        runner=lambda c, r: calls.append(c.name),
+    )
+    assert calls == []
+    assert [(o.seed, o.status, o.wall_seconds) for o in outcomes] == [
+        (0, "done", 11.0),
+        (1, "done", 22.0),
+    ]
+    write_report(out)  # a report-only rebuild sees both seeds
+    (row,) = list(csv.DictReader((out / "table.csv").open()))
+    assert math.isclose(float(row["final_mean"]), 0.55)
+
+    # another base config (here: 2 rounds) is another federation: its status replaces the old
+    status_of_other = [RunOutcome("glora", "glora", 0, "unsupported", reason="x")]
+    from glora.compare import _save_status
+
+    meta = {"base_config": {"other": True}, "methods": [], "seeds": [0]}
+    _save_status(out, status_of_other, meta)
+    status = json.loads((out / "status.json").read_text())
+    assert [r["key"] for r in status["runs"]] == ["glora|0"] and status["seeds"] == [0]

@@ -14,6 +14,9 @@ for one seed every method sees the same data splits, client ranks and client sam
 * ``<metric>_vs_round.png``: one line per method (mean over seeds), band = ± one std;
 * ``train_loss_vs_round.png``: the same for the round's mean client training loss;
 * ``status.json``: every run's status (done, unsupported with the reason, failed) and wall time;
+  calls with the same base config add to it (two processes may run disjoint seeds or methods
+  into one report directory; a last call over all of them skips the finished runs and writes
+  the whole report with every run's wall time);
 * ``records/<run>.json``: each finished run's config and round records without the per-module
   diagnostics (~25 kB for 100 rounds): what the report is built from, small enough to commit;
 * ``report.md``: ties them together; where the evaluations record ``top_prediction_share``
@@ -53,6 +56,7 @@ from glora.config import (
     validate_config,
 )
 from glora.data.glue import TOP_PREDICTION_SHARE
+from glora.fileio import write_text_atomic
 from glora.types import UnsupportedRanks
 
 __all__ = [
@@ -281,9 +285,7 @@ def _keep_records(out: Path, run_dir: Path) -> None:
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     path = _kept_path(out, run_dir.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"config": config, "records": recs}) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"config": config, "records": recs}) + "\n")
 
 
 def _read_kept(out: Path, run_name: str) -> dict[str, Any] | None:
@@ -404,10 +406,25 @@ def _load_status(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, Any]) -> None:
+    """Write ``status.json``: this call's runs, plus the runs another call of the same base
+    config recorded there (e.g. a second process that ran other seeds into this directory).
+
+    The file is re-read just before writing, so two processes on disjoint runs of one
+    comparison keep each other's entries (the merge window is one read and one rename).
+    A file of another base config is replaced whole: its runs are of another federation.
+    """
     runs = [{"key": f"{o.label}|{o.seed}", **asdict(o)} for o in outcomes]
-    tmp = out / "status.json.tmp"
-    tmp.write_text(json.dumps({**meta, "runs": runs}, indent=2) + "\n")
-    tmp.replace(out / "status.json")
+    mine = {r["key"] for r in runs}
+    methods, seeds = list(meta["methods"]), list(meta["seeds"])
+    p = out / "status.json"
+    old = json.loads(p.read_text()) if p.is_file() else {}
+    if old.get("base_config") == json.loads(json.dumps(meta["base_config"])):
+        runs += [r for r in old.get("runs", []) if r.get("key") not in mine]
+        labels = {m["label"] for m in methods}
+        methods += [m for m in old.get("methods", []) if m.get("label") not in labels]
+        seeds = sorted(set(seeds) | set(old.get("seeds", [])))
+    status = {**meta, "methods": methods, "seeds": seeds, "runs": runs}
+    write_text_atomic(p, json.dumps(status, indent=2) + "\n")
 
 
 def run_compare(

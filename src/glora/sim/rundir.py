@@ -46,6 +46,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from glora.fileio import write_text_atomic
 from glora.types import ServerState
 
 __all__ = [
@@ -232,9 +233,7 @@ class RunDir:
 
     def write_config(self, data: dict[str, Any]) -> None:
         """Write ``config.yaml`` atomically."""
-        tmp = self.config_path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        os.replace(tmp, self.config_path)
+        write_text_atomic(self.config_path, yaml.safe_dump(data, sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
@@ -269,9 +268,7 @@ class RunDir:
     def truncate_metrics(self, round: int) -> None:
         """Keep only the records of rounds ``<= round``."""
         keep = [r for r in self.read_metrics() if int(r.get("round", 0)) <= round]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_rounds(self) -> list[int]:
