@@ -413,7 +413,7 @@ def test_calls_on_disjoint_seeds_share_status_json(tmp_path):
     (row,) = list(csv.DictReader((out / "table.csv").open()))
     assert math.isclose(float(row["final_mean"]), 0.55)
 
-    # another base config (here: 2 rounds) is another federation: its status replaces the old
+    # a status of another base config is another federation: it replaces the file whole
     status_of_other = [RunOutcome("glora", "glora", 0, "unsupported", reason="x")]
     from glora.compare import _save_status
 
