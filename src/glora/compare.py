@@ -398,11 +398,15 @@ def _check_existing_runs(
         )
 
 
-def _load_status(out: Path) -> dict[str, dict[str, Any]]:
+def _read_status(out: Path) -> dict[str, Any]:
+    """The parsed ``out/status.json`` (``{}`` when there is none)."""
     p = out / "status.json"
-    if p.is_file():
-        return {r["key"]: r for r in json.loads(p.read_text()).get("runs", [])}
-    return {}
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def _load_status(out: Path) -> dict[str, dict[str, Any]]:
+    """``{"label|seed": run entry}`` of ``out/status.json``."""
+    return {r["key"]: r for r in _read_status(out).get("runs", [])}
 
 
 def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, Any]) -> None:
@@ -416,15 +420,14 @@ def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, A
     runs = [{"key": f"{o.label}|{o.seed}", **asdict(o)} for o in outcomes]
     mine = {r["key"] for r in runs}
     methods, seeds = list(meta["methods"]), list(meta["seeds"])
-    p = out / "status.json"
-    old = json.loads(p.read_text()) if p.is_file() else {}
+    old = _read_status(out)
     if old.get("base_config") == json.loads(json.dumps(meta["base_config"])):
         runs += [r for r in old.get("runs", []) if r.get("key") not in mine]
         labels = {m["label"] for m in methods}
         methods += [m for m in old.get("methods", []) if m.get("label") not in labels]
         seeds = sorted(set(seeds) | set(old.get("seeds", [])))
     status = {**meta, "methods": methods, "seeds": seeds, "runs": runs}
-    write_text_atomic(p, json.dumps(status, indent=2) + "\n")
+    write_text_atomic(out / "status.json", json.dumps(status, indent=2) + "\n")
 
 
 def run_compare(
@@ -670,9 +673,7 @@ def write_report(
     when it is one of the methods, else the first method).
     """
     out = Path(out)
-    status = (
-        json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
-    )
+    status = _read_status(out)
     if outcomes is None:
         outcomes = [
             RunOutcome(**{k: v for k, v in r.items() if k != "key"}) for r in status.get("runs", [])
