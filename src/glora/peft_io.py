@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from glora.fileio import staged_dir
 from glora.types import LoRAFactors, fold, lora_scale
 
 __all__ = [
@@ -378,22 +377,9 @@ def save_adapter(
         if (pattern[key] if key is not None else r) != rm:  # pragma: no cover - defensive
             raise AdapterError(f"module {module!r}: rank_pattern does not select rank {rm}")
 
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
-        if out.exists() and overwrite:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _fmt_targets(t: list[str] | str | None) -> str:

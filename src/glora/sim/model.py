@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from glora.fileio import staged_dir
 from glora.types import LoRAFactors, fold, lora_scale, unfold
 
 __all__ = [
@@ -332,20 +331,8 @@ class AdapterModel:
                 s = layer.scaling["default"]
                 layer.lora_A["default"].weight.copy_(f.A.float())
                 layer.lora_B["default"].weight.copy_(f.B.float() / s)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with staged_dir(path) as tmp:
             pm.save_pretrained(str(tmp))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _inner_name(module: str) -> str:

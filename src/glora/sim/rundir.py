@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -46,7 +45,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from glora.fileio import write_text_atomic
+from glora.fileio import fsync_path, staged_dir, write_text_atomic
 from glora.types import ServerState
 
 __all__ = [
@@ -81,21 +80,6 @@ class RunDirError(RuntimeError):
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory (best effort for directories on odd file systems)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # pragma: no cover - e.g. a directory that cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - fsync of a directory unsupported
-        pass
-    finally:
-        os.close(fd)
 
 
 def _file_digest(path: Path) -> str:
@@ -298,11 +282,9 @@ class RunDir:
 
     def save_checkpoint(self, ckpt: Checkpoint) -> Path:
         """Write a checkpoint atomically (temporary directory + manifest + fsync + rename)."""
-        self.checkpoints_path.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_path(ckpt.round)
-        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.checkpoints_path))
-        old: Path | None = None
-        try:
+        # rewriting a round moves the old one aside first; leftovers carry _TMP_PREFIX
+        with staged_dir(final, prefix=_TMP_PREFIX, durable=True) as tmp:
             state = ckpt.state
             _save_tensors(state.flat_tensors(), tmp / "server.safetensors")
             _save_tensors(ckpt.head, tmp / "head.safetensors")
@@ -319,7 +301,7 @@ class RunDir:
             (tmp / "server.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
             files = {}
             for name in CHECKPOINT_FILES:
-                _fsync_path(tmp / name)
+                fsync_path(tmp / name)
                 files[name] = {
                     "bytes": (tmp / name).stat().st_size,
                     "sha256": _file_digest(tmp / name),
@@ -327,17 +309,7 @@ class RunDir:
             # the manifest last: it seals the files written above
             manifest = {"format": _MANIFEST_FORMAT, "round": ckpt.round, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-            _fsync_path(tmp / MANIFEST)
-            _fsync_path(tmp)
-            if final.exists():  # rewriting a round: move the old one aside first
-                old = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.checkpoints_path))
-                os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            _fsync_path(self.checkpoints_path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            fsync_path(tmp / MANIFEST)
         return final
 
     def remove_temp(self) -> list[Path]:
