@@ -421,3 +421,32 @@ def test_calls_on_disjoint_seeds_share_status_json(tmp_path):
     _save_status(out, status_of_other, meta)
     status = json.loads((out / "status.json").read_text())
     assert [r["key"] for r in status["runs"]] == ["glora|0"] and status["seeds"] == [0]
+
+
+def test_status_write_waits_for_another_writer(tmp_path):
+    """A second process's read-merge-write of status.json waits while one holds the directory
+    lock, so neither can drop the other's entries."""
+    import fcntl
+    import os
+    import threading
+
+    from glora.compare import RunOutcome, _save_status
+
+    out = tmp_path / "report"
+    out.mkdir()
+    meta = {"base_config": {"a": 1}, "methods": [{"label": "glora"}], "seeds": [0]}
+    outcome = RunOutcome(label="glora", method="glora", seed=0, status="done")
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # another writer holds the lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = threading.Thread(target=_save_status, args=(out, [outcome], meta))
+    writer.start()
+    try:
+        writer.join(0.5)
+        assert writer.is_alive() and not (out / "status.json").exists()
+    finally:
+        os.close(fd)  # releases it
+    writer.join(30)
+    assert not writer.is_alive()
+    status = json.loads((out / "status.json").read_text())
+    assert [r["key"] for r in status["runs"]] == ["glora|0"]
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]  # no lock file left

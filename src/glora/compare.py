@@ -35,13 +35,15 @@ Python API: :func:`run_compare` (runs + report) and :func:`write_report` (report
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -413,21 +415,35 @@ def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, A
     """Write ``status.json``: this call's runs, plus the runs another call of the same base
     config recorded there (e.g. a second process that ran other seeds into this directory).
 
-    The file is re-read just before writing, so two processes on disjoint runs of one
-    comparison keep each other's entries (the merge window is one read and one rename).
-    A file of another base config is replaced whole: its runs are of another federation.
+    The file is re-read just before writing, under an exclusive lock on ``out`` (see
+    :func:`_status_lock`), so two processes on disjoint runs of one comparison keep each other's
+    entries: one process's read-merge-write cannot interleave with another's. A file of another
+    base config is replaced whole: its runs are of another federation.
     """
     runs = [{"key": f"{o.label}|{o.seed}", **asdict(o)} for o in outcomes]
     mine = {r["key"] for r in runs}
     methods, seeds = list(meta["methods"]), list(meta["seeds"])
-    old = _read_status(out)
-    if old.get("base_config") == json.loads(json.dumps(meta["base_config"])):
-        runs += [r for r in old.get("runs", []) if r.get("key") not in mine]
-        labels = {m["label"] for m in methods}
-        methods += [m for m in old.get("methods", []) if m.get("label") not in labels]
-        seeds = sorted(set(seeds) | set(old.get("seeds", [])))
-    status = {**meta, "methods": methods, "seeds": seeds, "runs": runs}
-    write_text_atomic(out / "status.json", json.dumps(status, indent=2) + "\n")
+    with _status_lock(out):
+        old = _read_status(out)
+        if old.get("base_config") == json.loads(json.dumps(meta["base_config"])):
+            runs += [r for r in old.get("runs", []) if r.get("key") not in mine]
+            labels = {m["label"] for m in methods}
+            methods += [m for m in old.get("methods", []) if m.get("label") not in labels]
+            seeds = sorted(set(seeds) | set(old.get("seeds", [])))
+        status = {**meta, "methods": methods, "seeds": seeds, "runs": runs}
+        write_text_atomic(out / "status.json", json.dumps(status, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _status_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the report directory ``out`` itself (no lock file is left
+    behind) for the block; another process's ``_save_status`` on ``out`` waits for it."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def run_compare(
