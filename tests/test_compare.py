@@ -259,6 +259,46 @@ def test_a_run_started_afresh_does_not_add_the_previous_runs_wall_time(tmp_path)
     assert outcome.status == "done" and 0 < outcome.wall_seconds < 1e5
 
 
+def test_a_resumed_run_keeps_the_recorded_wall_time_of_a_killed_process(tmp_path):
+    """A process killed mid-run never saves that run's wall time to status.json; resuming it
+    counts the wall time of the rounds its run directory recorded, and status.json's time when
+    that is larger."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 3}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+
+    def cut(config, resume):
+        """Write rounds 1-2 (30 s and 40 s), as a run killed during round 3 leaves them."""
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
+        recs = [{"round": r, "metrics": {}, "wall_seconds": w} for r, w in ((1, 30.0), (2, 40.0))]
+        (config.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+        raise KeyboardInterrupt  # the kill: run_compare saves nothing for this run
+
+    def finish(config, resume):
+        """Resume: append round 3 (0.5 s)."""
+        assert resume
+        rec = {"round": 3, "metrics": {"accuracy": 0.5}, "wall_seconds": 0.5}
+        with (config.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=cut)
+    assert not (out / "status.json").exists()
+    (o,) = run_compare(cfg, "glora", [0], out, resume=True, log=None, runs_dir=runs, runner=finish)
+    assert o.status == "done" and 70.0 <= o.wall_seconds < 70.0 + 30.0
+
+    # status.json holds more (an earlier call's time, beyond the recorded rounds): it wins
+    status = json.loads((out / "status.json").read_text())
+    status["runs"][0]["wall_seconds"] = 500.0
+    (out / "status.json").write_text(json.dumps(status))
+    run_dir = runs / "glora-seed0"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (o,) = run_compare(cfg, "glora", [0], out, resume=True, log=None, runs_dir=runs, runner=finish)
+    assert o.status == "done" and 500.0 <= o.wall_seconds < 500.0 + 30.0
+
+
 def test_report_counts_single_class_runs_and_evaluations(tmp_path):
     """Runs whose evaluations give ≥ 99 % of the examples one class are counted in the report:
     their accuracy is a class's share, not something learned."""

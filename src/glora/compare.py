@@ -24,9 +24,11 @@ for one seed every method sees the same data splits, client ranks and client sam
   of the examples, whose metric says which class they predict rather than what they learned.
 
 The grid is resumable: a finished run is skipped, an interrupted one is resumed through the
-simulator's resume (``resume=True``). A finished run whose run directory is gone (a fresh clone of
-a repository that commits the report but not the runs) is skipped too when ``records/`` holds it
-under the same configuration, so a comparison can be extended with more methods or seeds later.
+simulator's resume (``resume=True``); its wall time adds the time already spent (``status.json``'s
+or, when the process running it was killed before saving that, the sum of its recorded rounds'
+``wall_seconds``). A finished run whose run directory is gone (a fresh clone of a repository
+that commits the report but not the runs) is skipped too when ``records/`` holds it under the
+same configuration, so a comparison can be extended with more methods or seeds later.
 Methods that cannot run the setting (e.g. mixed ranks with a same-rank rule and no padding) are
 listed with the reason, not dropped.
 
@@ -248,6 +250,20 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 break
     return out
+
+
+def _recorded_wall(run_dir: Path) -> float:
+    """Sum of the ``wall_seconds`` of the rounds in ``run_dir/metrics.jsonl`` (0 without any).
+
+    A lower bound of the time a cut run spent: it leaves out model loading and the round that
+    was cut.
+    """
+    total = 0.0
+    for r in _read_metrics(run_dir):
+        v = r.get("wall_seconds")
+        if isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
+            total += float(v)
+    return total
 
 
 def _finished(run_dir: Path, rounds: int) -> bool:
@@ -523,6 +539,12 @@ def run_compare(
                 say(f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): skipped")
                 continue
             again = _holds_run(run_dir)
+            # a resumed run adds to the time it had already spent: the time status.json holds
+            # for it, or, when the process running it was killed before saving that (or it
+            # spent more since), the wall time of the rounds its run directory recorded
+            spent = (
+                max(float(prev.get("wall_seconds", 0.0)), _recorded_wall(run_dir)) if again else 0.0
+            )
             say(f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}")
             t0 = time.perf_counter()
             try:
@@ -538,9 +560,8 @@ def run_compare(
                     _keep_records(out, run_dir)
                 else:
                     o.reason = "the run ended before its last round"
-            # a resumed run adds to the time it had already spent; a run started afresh (its
-            # directory gone, or kept records that fall short) counts from zero
-            spent = float(prev.get("wall_seconds", 0.0)) if again else 0.0
+            # a run started afresh (its directory gone, or kept records that fall short) counts
+            # from zero
             o.wall_seconds = spent + time.perf_counter() - t0
             if o.status != "done":
                 say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
