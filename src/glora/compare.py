@@ -252,14 +252,14 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _recorded_wall(run_dir: Path) -> float:
-    """Sum of the ``wall_seconds`` of the rounds in ``run_dir/metrics.jsonl`` (0 without any).
+def _recorded_wall(recs: Sequence[Mapping[str, Any]]) -> float:
+    """Sum of the rounds' ``wall_seconds`` in a run's records (``metrics.jsonl``; 0 without any).
 
     A lower bound of the time a cut run spent: it leaves out model loading and the round that
     was cut.
     """
     total = 0.0
-    for r in _read_metrics(run_dir):
+    for r in recs:
         v = r.get("wall_seconds")
         if isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
             total += float(v)
@@ -527,23 +527,24 @@ def run_compare(
             # when the runs live elsewhere (e.g. runs/experiments/ beside docs/results/)
             o.run_dir = os.path.relpath(run_dir.resolve(), out.resolve())
             prev = previous.get(f"{spec.label}|{seed}", {})
-            if _finished(run_dir, cfg.training.rounds):  # resume=True (checked above)
+            recs = _read_metrics(run_dir)
+            if _reaches(recs, cfg.training.rounds):  # finished; resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
                 _keep_records(out, run_dir)
                 say(f"[{spec.label} seed {seed}] finished earlier: skipped")
                 continue
-            kept = None if _holds_run(run_dir) or not resume else _read_kept(out, run_dir.name)
+            again = _holds_run(run_dir)
+            kept = None if again or not resume else _read_kept(out, run_dir.name)
             if kept is not None and _reaches(kept["records"], cfg.training.rounds):
                 # its config was checked above; the run directory itself is gone
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
                 say(f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): skipped")
                 continue
-            again = _holds_run(run_dir)
             # a resumed run adds to the time it had already spent: the time status.json holds
             # for it, or, when the process running it was killed before saving that (or it
             # spent more since), the wall time of the rounds its run directory recorded
             spent = (
-                max(float(prev.get("wall_seconds", 0.0)), _recorded_wall(run_dir)) if again else 0.0
+                max(float(prev.get("wall_seconds", 0.0)), _recorded_wall(recs)) if again else 0.0
             )
             say(f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}")
             t0 = time.perf_counter()
