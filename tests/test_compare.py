@@ -490,3 +490,16 @@ def test_status_write_waits_for_another_writer(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert [r["key"] for r in status["runs"]] == ["glora|0"]
     assert sorted(p.name for p in out.iterdir()) == ["status.json"]  # no lock file left
+
+
+def test_a_twelve_rule_plot_gives_every_curve_its_own_colour_and_style() -> None:
+    # matplotlib's default cycle has 10 colours; a report of all 12 rules used to draw two
+    # pairs of rules in the same colour and style.
+    from glora.compare import _curve_styles
+
+    colors = [f"C{i}" for i in range(10)]
+    styles = _curve_styles(12, colors)
+    assert len(set(styles)) == 12
+    assert styles[:10] == [(c, "-") for c in colors]  # up to 10 curves: unchanged look
+    assert styles[10:] == [("C0", "--"), ("C1", "--")]
+    assert len(set(_curve_styles(40, colors))) == 40

@@ -960,6 +960,19 @@ def write_report(
     return out / "report.md"
 
 
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _curve_styles(n: int, colors: Sequence[str]) -> list[tuple[str, str]]:
+    """(colour, line style) for ``n`` curves: the colour cycle solid, then dashed, dotted and
+    dash-dotted, so up to ``4 * len(colors)`` curves (matplotlib's default cycle has 10
+    colours; a 12-rule report has 12 curves) never share both colour and style."""
+    return [
+        (colors[i % len(colors)], _LINE_STYLES[(i // len(colors)) % len(_LINE_STYLES)])
+        for i in range(n)
+    ]
+
+
 def _plot(curves: Mapping[str, Mapping[int, Sequence[float]]], metric: str, path: Path) -> None:
     import matplotlib
 
@@ -967,12 +980,17 @@ def _plot(curves: Mapping[str, Mapping[int, Sequence[float]]], metric: str, path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, by_round in curves.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, by_round), (color, style) in zip(
+        curves.items(), _curve_styles(len(curves), colors)
+    ):
         xs = sorted(by_round)
         stats = [_mean_std(by_round[x]) for x in xs]
         mean = [m for m, _ in stats]
         std = [s for _, s in stats]
-        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+        (line,) = ax.plot(
+            xs, mean, marker="o", markersize=3, label=label, color=color, linestyle=style
+        )
         ax.fill_between(
             xs,
             [m - s for m, s in zip(mean, std)],
