@@ -988,14 +988,12 @@ def _plot(curves: Mapping[str, Mapping[int, Sequence[float]]], metric: str, path
         stats = [_mean_std(by_round[x]) for x in xs]
         mean = [m for m, _ in stats]
         std = [s for _, s in stats]
-        (line,) = ax.plot(
-            xs, mean, marker="o", markersize=3, label=label, color=color, linestyle=style
-        )
+        ax.plot(xs, mean, marker="o", markersize=3, label=label, color=color, linestyle=style)
         ax.fill_between(
             xs,
             [m - s for m, s in zip(mean, std)],
             [m + s for m, s in zip(mean, std)],
-            color=line.get_color(),
+            color=color,
             alpha=0.2,
             linewidth=0,
         )
