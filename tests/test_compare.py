@@ -174,6 +174,14 @@ def test_report_reads_runs_kept_outside_the_report_dir(tmp_path, monkeypatch):
     row = next(csv.DictReader((out / "table.csv").open()))
     assert 0.0 <= float(row["final_mean"]) <= 1.0
 
+    # with the run directory and the kept records gone, a rebuild is refused and writes nothing
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(out / "records")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"records/<run>\.json\): glora seed 0 .*--resume"):
+        write_report(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
 
 def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path):
     """A fresh clone has the committed report (with ``records/``) but not the runs: the finished

@@ -697,6 +697,29 @@ def paired_differences(
     return rows
 
 
+def _check_records_found(
+    out: Path,
+    outcomes: Sequence[RunOutcome],
+    records: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
+) -> None:
+    """Refuse to rebuild a report from ``status.json`` when a finished run's records are gone.
+
+    Neither its run directory's ``metrics.jsonl`` nor the report's ``records/<run>.json``
+    exists, so a rebuilt table would show "–" where the report now has figures.
+    """
+    gone = [o for o in outcomes if o.status == "done" and not records[(o.label, o.seed)]]
+    if not gone:
+        return
+    names = ", ".join(f"{o.label} seed {o.seed} ({o.run_dir})" for o in gone[:5])
+    more = f" and {len(gone) - 5} more" if len(gone) > 5 else ""
+    raise ValueError(
+        f"cannot rebuild the report in {out}: the records of {len(gone)} finished run(s) are "
+        f"gone (no metrics.jsonl in the run directory, no {RECORDS}/<run>.json): {names}{more}. "
+        "The report was left as it is; restore those run directories, or rerun them (the "
+        "same command with --resume)."
+    )
+
+
 def write_report(
     out: str | Path,
     outcomes: Sequence[RunOutcome] | None = None,
@@ -708,10 +731,12 @@ def write_report(
     """Write the report files of a comparison directory (from ``status.json`` when no outcomes).
 
     ``reference`` is the label the paired differences are taken against (default: ``glora``
-    when it is one of the methods, else the first method).
+    when it is one of the methods, else the first method). Rebuilding from ``status.json``
+    raises ``ValueError``, writing nothing, when a finished run's records are gone.
     """
     out = Path(out)
     status = _read_status(out)
+    from_status = outcomes is None
     if outcomes is None:
         outcomes = [
             RunOutcome(**{k: v for k, v in r.items() if k != "key"}) for r in status.get("runs", [])
@@ -723,6 +748,8 @@ def write_report(
         (o.label, o.seed): _run_records(out, o.run_dir) if o.status == "done" else []
         for o in outcomes
     }
+    if from_status:
+        _check_records_found(out, outcomes, records)
     all_recs = [r for recs in records.values() for r in recs]
     metric = metric or _primary_metric(all_recs, base) or "accuracy"
     better = max if _higher_is_better(metric) else min
