@@ -183,6 +183,19 @@ def test_report_reads_runs_kept_outside_the_report_dir(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_an_emptied_metrics_file_falls_back_to_the_kept_records(tmp_path):
+    """A finished run whose ``metrics.jsonl`` was emptied later is reported from ``records/``."""
+    _require_data()
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs)
+    before = (out / "table.csv").read_text()
+    (runs / "glora-seed0" / "metrics.jsonl").write_text("")
+    write_report(out)
+    assert (out / "table.csv").read_text() == before
+
+
 def test_kept_records_let_a_comparison_grow_without_its_run_directories(tmp_path):
     """A fresh clone has the committed report (with ``records/``) but not the runs: the finished
     runs are reused from the records, only new methods run, and the table is unchanged."""

@@ -329,10 +329,14 @@ def _kept_changes(kept: Mapping[str, Any], config: RunConfig) -> list[str]:
 
 
 def _run_records(out: Path, run_dir: str) -> list[dict[str, Any]]:
-    """A run's round records: from its run directory, else from the report's kept copy."""
-    path = out / run_dir
-    if (path / "metrics.jsonl").is_file():
-        return _read_metrics(path)
+    """A run's round records: from its run directory, else from the report's kept copy.
+
+    An empty or unreadable ``metrics.jsonl`` (a run directory recreated after the run finished)
+    counts as absent, so the kept copy is read rather than the run reported as recordless.
+    """
+    records = _read_metrics(out / run_dir)
+    if records:
+        return records
     kept = _read_kept(out, Path(run_dir).name)
     return list(kept["records"]) if kept else []
 
