@@ -24,16 +24,16 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts apps
-	$(BIN)/ruff format --check src tests scripts apps
+	$(BIN)/ruff format --check src tests scripts apps README.md
 	# pytest exits 5 when it collects no test: that fails this target like any other error.
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts apps
-	$(BIN)/ruff format --check src tests scripts apps
+	$(BIN)/ruff format --check src tests scripts apps README.md
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests scripts apps
+	$(BIN)/ruff format src tests scripts apps README.md
 	$(BIN)/ruff check --fix src tests scripts apps
 
 bench: $(STAMP)
