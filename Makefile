@@ -5,6 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.glora-installed
 CONFIG ?= configs/quickstart.yaml
+# what ruff checks, and what it formats (README.md: its Python code blocks)
+LINTED := src tests scripts apps
+FORMATTED := $(LINTED) README.md
 
 .PHONY: venv run test lint format bench clean
 
@@ -23,18 +26,18 @@ run: $(STAMP)
 	$(BIN)/glora run $(CONFIG) --overwrite
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests scripts apps
-	$(BIN)/ruff format --check src tests scripts apps README.md
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(FORMATTED)
 	# pytest exits 5 when it collects no test: that fails this target like any other error.
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts apps
-	$(BIN)/ruff format --check src tests scripts apps README.md
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(FORMATTED)
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests scripts apps README.md
-	$(BIN)/ruff check --fix src tests scripts apps
+	$(BIN)/ruff format $(FORMATTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 bench: $(STAMP)
 	$(BIN)/glora bench aggregation
