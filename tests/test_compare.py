@@ -320,6 +320,39 @@ def test_a_resumed_run_keeps_the_recorded_wall_time_of_a_killed_process(tmp_path
     assert o.status == "done" and 500.0 <= o.wall_seconds < 500.0 + 30.0
 
 
+def test_a_finished_run_without_its_records_is_run_again_and_says_why(tmp_path):
+    """status.json copied into a report directory without records/ (the run directory gone):
+    the run is run again, and the log says that status.json called it finished."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    calls: list[str] = []
+
+    def fake(config, resume):
+        calls.append(config.name)
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
+        rec = {"round": 1, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0}
+        (config.run_dir / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+
+    run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=fake)
+    shutil.rmtree(runs)
+    shutil.rmtree(out / "records")
+    logs: list[str] = []
+    (o,) = run_compare(
+        cfg, "glora", [0], out, resume=True, log=logs.append, runs_dir=runs, runner=fake
+    )
+    assert calls == ["glora-seed0", "glora-seed0"] and o.status == "done"
+    (line,) = [m for m in logs if "glora seed 0] running" in m]
+    assert "status.json lists it as finished" in line and "records/glora-seed0.json" in line
+
+    logs.clear()  # a run status.json does not call finished is run without that remark
+    run_compare(
+        cfg, "glora,fedit", [1], out, resume=True, log=logs.append, runs_dir=runs, runner=fake
+    )
+    assert not any("lists it as finished" in m for m in logs)
+
+
 def test_report_counts_single_class_runs_and_evaluations(tmp_path):
     """Runs whose evaluations give ≥ 99 % of the examples one class are counted in the report:
     their accuracy is a class's share, not something learned."""

@@ -550,7 +550,17 @@ def run_compare(
             spent = (
                 max(float(prev.get("wall_seconds", 0.0)), _recorded_wall(recs)) if again else 0.0
             )
-            say(f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}")
+            lost = ""
+            if prev.get("status") == "done" and not again:
+                # e.g. status.json copied into a report directory without records/: say why a
+                # run status.json calls finished costs its whole time again
+                lost = (
+                    f" (status.json lists it as finished, but neither its run directory nor "
+                    f"{RECORDS}/{run_dir.name}.json holds its records)"
+                )
+            say(
+                f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}{lost}"
+            )
             t0 = time.perf_counter()
             try:
                 runner(cfg, again)
