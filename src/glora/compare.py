@@ -556,7 +556,7 @@ def run_compare(
                 # run status.json calls finished costs its whole time again
                 lost = (
                     f" (status.json lists it as finished, but neither its run directory nor "
-                    f"{RECORDS}/{run_dir.name}.json holds its records)"
+                    f"{_kept_path(out, run_dir.name)} holds its records)"
                 )
             say(
                 f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}{lost}"
