@@ -557,3 +557,57 @@ def test_a_twelve_rule_plot_gives_every_curve_its_own_colour_and_style() -> None
     assert styles[:10] == [(c, "-") for c in colors]  # up to 10 curves: unchanged look
     assert styles[10:] == [("C0", "--"), ("C1", "--")]
     assert len(set(_curve_styles(40, colors))) == 40
+
+
+def test_a_reused_or_resumed_run_names_the_settings_it_differs_on(tmp_path):
+    """A finished run (from its directory or from records/) reused under another thread count,
+    and an unfinished one resumed under it, are allowed but not silent: the log names the key."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 2}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+
+    def write(config, rounds):
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (config.run_dir / "config.yaml").exists():  # as the simulator: kept on a resume
+            (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
+        recs = [{"round": r, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0} for r in rounds]
+        with (config.run_dir / "metrics.jsonl").open("a") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in recs))
+
+    def cut(config, resume):
+        write(config, [1])
+        raise KeyboardInterrupt
+
+    def finish(config, resume):
+        write(config, [2])
+
+    def grid(runner, *overrides: str) -> list[str]:
+        logs: list[str] = []
+        run_compare(
+            cfg,
+            "glora",
+            [0],
+            out,
+            resume=True,
+            log=logs.append,
+            runs_dir=runs,
+            runner=runner,
+            overrides=list(overrides),
+        )
+        return logs
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=cut)
+    note = " (it differs from this call on training.num_threads 1 → 2)"
+    (line,) = grid(finish, "training.num_threads=2")
+    assert line.startswith("[glora seed 0] resuming → ") and line.endswith(note)
+    (line,) = grid(finish, "training.num_threads=2")
+    assert line == f"[glora seed 0] finished earlier: skipped{note}"
+    (line,) = grid(finish)  # the thread count it was started with: nothing to say
+    assert line == "[glora seed 0] finished earlier: skipped"
+    shutil.rmtree(runs)
+    (line,) = grid(finish, "training.num_threads=2", "training.eval_every=2")
+    assert line == (
+        "[glora seed 0] finished earlier (kept in records/): skipped (it differs from this call "
+        "on training.eval_every 1 → 2, training.num_threads 1 → 2)"
+    )

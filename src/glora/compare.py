@@ -328,6 +328,31 @@ def _kept_changes(kept: Mapping[str, Any], config: RunConfig) -> list[str]:
     return config_changes(saved, config, ignore=_KEPT_IGNORE)
 
 
+def _differs_note(saved: Mapping[str, Any] | None, config: RunConfig, keys: tuple[str, ...]) -> str:
+    """`` (it differs from this call on <key old → new>, ...)`` for the ``keys`` on which a run's
+    saved config differs from ``config`` (empty when none does, or when it cannot be read)."""
+    from glora.sim import resumable_changes
+
+    if not saved:
+        return ""
+    try:
+        changes = resumable_changes(validate_config(dict(saved)), config, keys)
+    except ConfigError:
+        return ""
+    return f" (it differs from this call on {', '.join(changes)})" if changes else ""
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's ``config.yaml`` as a mapping (``None`` when absent or unreadable)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def _run_records(out: Path, run_dir: str) -> list[dict[str, Any]]:
     """A run's round records: from its run directory, else from the report's kept copy.
 
@@ -511,6 +536,8 @@ def run_compare(
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing_runs(base, specs, seeds, runs_dir, resume, out)
+    from glora.sim import ARITHMETIC_KEYS, RESULT_KEYS
+
     runner = runner or default_runner
     say = log or (lambda _m: None)
     previous = _load_status(out) if resume else {}
@@ -535,14 +562,19 @@ def run_compare(
             if _reaches(recs, cfg.training.rounds):  # finished; resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
                 _keep_records(out, run_dir)
-                say(f"[{spec.label} seed {seed}] finished earlier: skipped")
+                note = _differs_note(_saved_config(run_dir), cfg, RESULT_KEYS)
+                say(f"[{spec.label} seed {seed}] finished earlier: skipped{note}")
                 continue
             again = _holds_run(run_dir)
             kept = None if again or not resume else _read_kept(out, run_dir.name)
             if kept is not None and _reaches(kept["records"], cfg.training.rounds):
                 # its config was checked above; the run directory itself is gone
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
-                say(f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): skipped")
+                note = _differs_note(kept.get("config"), cfg, RESULT_KEYS)
+                say(
+                    f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): "
+                    f"skipped{note}"
+                )
                 continue
             # a resumed run adds to the time it had already spent: the time status.json holds
             # for it, or, when the process running it was killed before saving that (or it
@@ -558,6 +590,8 @@ def run_compare(
                     f" (status.json lists it as finished, but neither its run directory nor "
                     f"{_kept_path(out, run_dir.name)} holds its records)"
                 )
+            elif again:
+                lost = _differs_note(_saved_config(run_dir), cfg, ARITHMETIC_KEYS)
             say(
                 f"[{spec.label} seed {seed}] {'resuming' if again else 'running'} → {run_dir}{lost}"
             )

@@ -204,6 +204,31 @@ def test_resume_is_bit_identical(glue_dir: Path, tmp_path: Path) -> None:
     assert ref.records[-1]["train_loss"] == resumed.records[-1]["train_loss"]
 
 
+def test_resume_names_a_changed_arithmetic_setting(glue_dir: Path, tmp_path: Path) -> None:
+    """A resume may change the evaluation batch size, thread count or device, but then does not
+    repeat an uninterrupted run bit for bit: it says so (and says nothing when none changed)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    part = validate_config(tiny_raw(glue_dir, tmp_path, training={"rounds": 1}))
+    first = run_experiment(part)
+
+    def resume(rounds: int, **training: object) -> str:
+        buf = StringIO()
+        update = {"rounds": rounds, **training}
+        new = part.model_copy(update={"training": part.training.model_copy(update=update)})
+        run_experiment(
+            resume_config(first.run_dir, new), resume=True, console=Console(file=buf, width=200)
+        )
+        return buf.getvalue()
+
+    text = resume(2, eval_batch_size=16)
+    assert "resuming" in text and "after round 1" in text
+    assert "note: training.eval_batch_size 32 → 16 from round 2" in text
+    assert "note:" not in resume(3, eval_batch_size=16)  # config.yaml now holds 16
+
+
 def test_resume_rejects_other_config(glue_dir: Path, tmp_path: Path) -> None:
     cfg = validate_config(tiny_raw(glue_dir, tmp_path))
     res = run_experiment(cfg)

@@ -23,12 +23,15 @@ from glora.sim.engine import Simulation
 from glora.sim.rundir import RunDir, RunDirError
 
 __all__ = [
+    "ARITHMETIC_KEYS",
+    "RESULT_KEYS",
     "RESUMABLE_KEYS",
     "RunDir",
     "RunDirError",
     "RunResult",
     "Simulation",
     "config_changes",
+    "resumable_changes",
     "resume_config",
     "run_experiment",
 ]
@@ -43,6 +46,12 @@ RESUMABLE_KEYS = (
     "training.eval_batch_size",
     "output.dir",
 )
+#: the resumable keys that change a run's arithmetic: a seed repeats a run bit for bit only on
+#: the same device, thread count (the floating-point summation order) and evaluation batch size
+ARITHMETIC_KEYS = ("training.device", "training.num_threads", "training.eval_batch_size")
+#: the resumable keys that can change a run's reported results: its arithmetic, how many rounds
+#: it ran and which rounds were evaluated
+RESULT_KEYS = ("training.rounds", "training.eval_every", *ARITHMETIC_KEYS)
 
 
 @dataclass
@@ -72,6 +81,19 @@ def config_changes(saved: RunConfig, new: RunConfig, *, ignore: tuple[str, ...] 
     a, b = _flatten(saved.to_yaml_dict()), _flatten(new.to_yaml_dict())
     skip = {"name", *RESUMABLE_KEYS, *ignore}
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in skip)
+
+
+def resumable_changes(
+    saved: RunConfig, new: RunConfig, keys: tuple[str, ...] = RESULT_KEYS
+) -> list[str]:
+    """The ``keys`` (by default every resumable key that can change a run's results) on which
+    ``new`` differs from ``saved``, each as ``"key old → new"``, in the order of ``keys``.
+
+    A resume or a reused finished run may differ on :data:`RESUMABLE_KEYS`; callers name these
+    differences so that a run computed (or evaluated) under two settings is never silent.
+    """
+    a, b = _flatten(saved.to_yaml_dict()), _flatten(new.to_yaml_dict())
+    return [f"{k} {a.get(k)} → {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
 
 
 def resume_config(run_dir: str | Path, new: RunConfig | None = None) -> RunConfig:
@@ -111,7 +133,8 @@ def run_experiment(
 
     Args:
         resume: continue from the latest complete checkpoint (``metrics.jsonl`` is truncated to
-            it); the result is bit-identical to an uninterrupted run.
+            it); the result is bit-identical to an uninterrupted run on the same
+            :data:`ARITHMETIC_KEYS` (a change of those is printed).
         overwrite: replace a run that is already in the directory.
 
     Raises:
@@ -121,8 +144,12 @@ def run_experiment(
     rd = RunDir(config.run_dir)
     with rd:
         ckpt = None
+        changed: list[str] = []
         if resume:
             ckpt = rd.load_checkpoint()
+            changed = resumable_changes(
+                validate_config(rd.read_config()), config, keys=ARITHMETIC_KEYS
+            )
         elif rd.holds_run() and not overwrite:
             raise RunDirError(
                 f"{str(rd.path)!r} already holds a run; pass --overwrite to replace it, "
@@ -141,5 +168,10 @@ def run_experiment(
             sim.restore(ckpt)
             if console is not None:
                 console.print(f"resuming {rd.path} after round {ckpt.round}")
+                if changed:
+                    console.print(
+                        f"note: {', '.join(changed)} from round {ckpt.round + 1}: the run will "
+                        "not repeat an uninterrupted one bit for bit"
+                    )
         sim.run()
         return RunResult(rd.path, rd.read_metrics(), sim)
