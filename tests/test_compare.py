@@ -611,3 +611,35 @@ def test_a_reused_or_resumed_run_names_the_settings_it_differs_on(tmp_path):
         "[glora seed 0] finished earlier (kept in records/): skipped (it differs from this call "
         "on training.eval_every 1 → 2, training.num_threads 1 → 2)"
     )
+
+
+def test_a_run_taken_further_is_reported_at_the_planned_last_round(tmp_path):
+    """A finished run whose directory was later continued to more rounds (as runs copied to a
+    longer budget) is reused, with a note, and reported at the comparison's own last round."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 2}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+
+    def fake(config, resume):
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
+        recs = [{"round": r, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0} for r in (1, 2)]
+        (config.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+
+    run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=fake)
+    run_dir = runs / "glora-seed0"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["training"]["rounds"] = 3  # continued in place to a third round
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"round": 3, "metrics": {"accuracy": 0.9}, "wall_seconds": 1.0}) + "\n")
+    logs: list[str] = []
+    run_compare(cfg, "glora", [0], out, resume=True, log=logs.append, runs_dir=runs, runner=fake)
+    assert logs == [
+        "[glora seed 0] finished earlier: skipped (it differs from this call on "
+        "training.rounds 3 → 2)"
+    ]
+    row = next(csv.DictReader((out / "table.csv").open()))
+    assert float(row["final_mean"]) == 0.5 and float(row["best_mean"]) == 0.5
+    write_report(out)  # the report-only rebuild cuts the same way
+    assert float(next(csv.DictReader((out / "table.csv").open()))["final_mean"]) == 0.5

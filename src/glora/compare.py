@@ -621,6 +621,22 @@ def run_compare(
 
 
 # ---------------------------------------------------------------------------- report
+def _planned_rounds(base: Mapping[str, Any]) -> int | None:
+    """The comparison's ``training.rounds`` (its config's default when the base leaves it out;
+    ``None`` when the base is not a valid config)."""
+    try:
+        return validate_config({**dict(base), "method": {"name": "glora"}}).training.rounds
+    except ConfigError:
+        return None
+
+
+def _round(record: Mapping[str, Any]) -> int:
+    try:
+        return int(record.get("round", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def _primary_metric(records: Sequence[Mapping[str, Any]], base: Mapping[str, Any]) -> str | None:
     for r in records:
         if isinstance(r.get("primary_metric"), str):
@@ -792,8 +808,15 @@ def write_report(
     base = dict(base if base is not None else status.get("base_config", {}))
     labels = list(dict.fromkeys(o.label for o in outcomes))
     _check_reference(reference, labels)
+    # a finished run reused from a run directory that was later taken further (more rounds) is
+    # reported at the planned last round, not at its own
+    rounds = _planned_rounds(base)
     records = {
-        (o.label, o.seed): _run_records(out, o.run_dir) if o.status == "done" else []
+        (o.label, o.seed): [
+            r for r in _run_records(out, o.run_dir) if rounds is None or _round(r) <= rounds
+        ]
+        if o.status == "done"
+        else []
         for o in outcomes
     }
     if from_status:
