@@ -33,6 +33,16 @@ def _require_data() -> None:
     assert (DATA / "SST-2").is_dir(), f"GLUE data missing: expected {DATA} (see its README)"
 
 
+def _write_rounds(config, records: list[dict]) -> None:
+    """What a run leaves in its directory, without training: ``config.yaml`` (kept when already
+    there, as the simulator keeps it on a resume) and ``records`` appended to ``metrics.jsonl``."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    if not (config.run_dir / "config.yaml").exists():
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
+    with (config.run_dir / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in records))
+
+
 def test_parse_methods_with_options():
     specs = parse_methods("glora,fedit,glora[server_rank=32;energy=0.95]")
     assert [s.name for s in specs] == ["glora", "fedit", "glora"]
@@ -290,18 +300,16 @@ def test_a_resumed_run_keeps_the_recorded_wall_time_of_a_killed_process(tmp_path
 
     def cut(config, resume):
         """Write rounds 1-2 (30 s and 40 s), as a run killed during round 3 leaves them."""
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
-        recs = [{"round": r, "metrics": {}, "wall_seconds": w} for r, w in ((1, 30.0), (2, 40.0))]
-        (config.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+        _write_rounds(
+            config,
+            [{"round": r, "metrics": {}, "wall_seconds": w} for r, w in ((1, 30.0), (2, 40.0))],
+        )
         raise KeyboardInterrupt  # the kill: run_compare saves nothing for this run
 
     def finish(config, resume):
         """Resume: append round 3 (0.5 s)."""
         assert resume
-        rec = {"round": 3, "metrics": {"accuracy": 0.5}, "wall_seconds": 0.5}
-        with (config.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        _write_rounds(config, [{"round": 3, "metrics": {"accuracy": 0.5}, "wall_seconds": 0.5}])
 
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=cut)
@@ -330,10 +338,7 @@ def test_a_finished_run_without_its_records_is_run_again_and_says_why(tmp_path):
 
     def fake(config, resume):
         calls.append(config.name)
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
-        rec = {"round": 1, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0}
-        (config.run_dir / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+        _write_rounds(config, [{"round": 1, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0}])
 
     run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=fake)
     shutil.rmtree(runs)
@@ -472,10 +477,7 @@ def test_calls_on_disjoint_seeds_share_status_json(tmp_path):
 
     def fake(config, resume):
         """Write a finished one-round run directory, without training."""
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
-        rec = {"round": 1, "metrics": {"accuracy": 0.5 + config.seed / 10}}
-        (config.run_dir / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+        _write_rounds(config, [{"round": 1, "metrics": {"accuracy": 0.5 + config.seed / 10}}])
 
     for seed in (0, 1):  # as two processes would, one seed each
         run_compare(cfg, "glora", [seed], out, resume=True, log=None, runs_dir=runs, runner=fake)
@@ -567,12 +569,7 @@ def test_a_reused_or_resumed_run_names_the_settings_it_differs_on(tmp_path):
     out, runs = tmp_path / "report", tmp_path / "runs"
 
     def write(config, rounds):
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (config.run_dir / "config.yaml").exists():  # as the simulator: kept on a resume
-            (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
-        recs = [{"round": r, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0} for r in rounds]
-        with (config.run_dir / "metrics.jsonl").open("a") as f:
-            f.write("".join(json.dumps(x) + "\n" for x in recs))
+        _write_rounds(config, [{"round": r, "metrics": {"accuracy": 0.5}} for r in rounds])
 
     def cut(config, resume):
         write(config, [1])
@@ -621,10 +618,7 @@ def test_a_run_taken_further_is_reported_at_the_planned_last_round(tmp_path):
     out, runs = tmp_path / "report", tmp_path / "runs"
 
     def fake(config, resume):
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict()))
-        recs = [{"round": r, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0} for r in (1, 2)]
-        (config.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+        _write_rounds(config, [{"round": r, "metrics": {"accuracy": 0.5}} for r in (1, 2)])
 
     run_compare(cfg, "glora", [0], out, log=None, runs_dir=runs, runner=fake)
     run_dir = runs / "glora-seed0"
