@@ -637,3 +637,48 @@ def test_a_run_taken_further_is_reported_at_the_planned_last_round(tmp_path):
     assert float(row["final_mean"]) == 0.5 and float(row["best_mean"]) == 0.5
     write_report(out)  # the report-only rebuild cuts the same way
     assert float(next(csv.DictReader((out / "table.csv").open()))["final_mean"]) == 0.5
+
+
+def test_a_run_finished_by_another_process_keeps_its_wall_time(tmp_path):
+    """Two processes on one cell: a run the other process finished (found finished here, or
+    refused here because the other still held it) keeps the other's status entry and wall time
+    instead of this call's 0 s or 'failed'."""
+    from dataclasses import asdict
+
+    from glora.compare import RunOutcome
+    from glora.sim.rundir import RunDirLocked
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**BASE, "training": {**BASE["training"], "rounds": 1}}))
+    out, runs = tmp_path / "report", tmp_path / "runs"
+    done = {"round": 1, "metrics": {"accuracy": 0.5}, "wall_seconds": 1.0}
+
+    def other_process_finishes(config, label: str, wall: float) -> None:
+        """What the other process leaves: a finished run directory and its status entry."""
+        _write_rounds(config.model_copy(update={"name": f"{label}-seed0"}), [done])
+        path = out / "status.json"
+        status = (
+            json.loads(path.read_text())
+            if path.exists()
+            else {"base_config": yaml.safe_load(cfg.read_text()), "runs": []}
+        )
+        entry = RunOutcome(label, label, 0, "done", run_dir=f"../runs/{label}-seed0")
+        entry.wall_seconds = wall
+        status["runs"].append({"key": f"{label}|0", **asdict(entry)})
+        path.write_text(json.dumps(status))
+
+    def runner(config, resume):
+        if config.name == "glora-seed0":  # meanwhile the other process finishes flexlora ...
+            _write_rounds(config, [done])
+            other_process_finishes(config, "flexlora", 123.0)
+        else:  # ... and hetlora, just after this process was refused its lock
+            other_process_finishes(config, "hetlora", 77.0)
+            raise RunDirLocked("in use by another glora run")
+
+    run_compare(cfg, "glora,flexlora,hetlora", [0], out, log=None, runs_dir=runs, runner=runner)
+    by_key = {r["key"]: r for r in json.loads((out / "status.json").read_text())["runs"]}
+    assert (by_key["flexlora|0"]["status"], by_key["flexlora|0"]["wall_seconds"]) == ("done", 123.0)
+    assert (by_key["hetlora|0"]["status"], by_key["hetlora|0"]["wall_seconds"]) == ("done", 77.0)
+    assert by_key["glora|0"]["status"] == "done"
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert rows["hetlora"]["seeds_done"] == "1"  # the report counts it too

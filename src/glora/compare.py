@@ -45,7 +45,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,9 +456,18 @@ def _load_status(out: Path) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in _read_status(out).get("runs", [])}
 
 
-def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, Any]) -> None:
+def _save_status(
+    out: Path,
+    outcomes: Sequence[RunOutcome],
+    meta: Mapping[str, Any],
+    observed: Collection[str] = (),
+) -> None:
     """Write ``status.json``: this call's runs, plus the runs another call of the same base
     config recorded there (e.g. a second process that ran other seeds into this directory).
+
+    ``observed`` are the keys (``label|seed``) of runs this call did not run itself: skipped as
+    finished, or refused because another process held the run directory. Where the file lists
+    such a run as done, its entry (with the wall time of the process that ran it) is kept.
 
     The file is re-read just before writing, under an exclusive lock on ``out`` (see
     :func:`_status_lock`), so two processes on disjoint runs of one comparison keep each other's
@@ -471,6 +480,13 @@ def _save_status(out: Path, outcomes: Sequence[RunOutcome], meta: Mapping[str, A
     with _status_lock(out):
         old = _read_status(out)
         if old.get("base_config") == json.loads(json.dumps(meta["base_config"])):
+            theirs = {r.get("key"): r for r in old.get("runs", [])}
+            runs = [
+                theirs[r["key"]]
+                if r["key"] in observed and theirs.get(r["key"], {}).get("status") == "done"
+                else r
+                for r in runs
+            ]
             runs += [r for r in old.get("runs", []) if r.get("key") not in mine]
             labels = {m["label"] for m in methods}
             methods += [m for m in old.get("methods", []) if m.get("label") not in labels]
@@ -537,11 +553,13 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
     _check_existing_runs(base, specs, seeds, runs_dir, resume, out)
     from glora.sim import ARITHMETIC_KEYS, RESULT_KEYS
+    from glora.sim.rundir import RunDirLocked
 
     runner = runner or default_runner
     say = log or (lambda _m: None)
     previous = _load_status(out) if resume else {}
     outcomes: list[RunOutcome] = []
+    observed: set[str] = set()  # runs this call found finished or held by another process
     meta = {"base_config": base, "methods": [asdict(s) for s in specs], "seeds": list(seeds)}
     for seed in seeds:
         for spec in specs:
@@ -561,6 +579,7 @@ def run_compare(
             recs = _read_metrics(run_dir)
             if _reaches(recs, cfg.training.rounds):  # finished; resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
+                observed.add(f"{spec.label}|{seed}")
                 _keep_records(out, run_dir)
                 note = _differs_note(_saved_config(run_dir), cfg, RESULT_KEYS)
                 say(f"[{spec.label} seed {seed}] finished earlier: skipped{note}")
@@ -570,6 +589,7 @@ def run_compare(
             if kept is not None and _reaches(kept["records"], cfg.training.rounds):
                 # its config was checked above; the run directory itself is gone
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
+                observed.add(f"{spec.label}|{seed}")
                 note = _differs_note(kept.get("config"), cfg, RESULT_KEYS)
                 say(
                     f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): "
@@ -600,6 +620,9 @@ def run_compare(
                 runner(cfg, again)
             except (ConfigError, UnsupportedRanks) as exc:
                 o.status, o.reason = "unsupported", str(exc)
+            except RunDirLocked as exc:  # another process is running it: its entry will say
+                o.status, o.reason = "failed", f"{type(exc).__name__}: {exc}"
+                observed.add(f"{spec.label}|{seed}")
             except Exception as exc:  # one failed run must not lose the grid
                 o.status, o.reason = "failed", f"{type(exc).__name__}: {exc}"
             else:
@@ -614,8 +637,15 @@ def run_compare(
             o.wall_seconds = spent + time.perf_counter() - t0
             if o.status != "done":
                 say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
-            _save_status(out, outcomes, meta)
-    _save_status(out, outcomes, meta)
+            _save_status(out, outcomes, meta, observed)
+    _save_status(out, outcomes, meta, observed)
+    # a run another process finished while this one found it busy is reported as it ended there
+    merged = _load_status(out)
+    for o in outcomes:
+        theirs = merged.get(f"{o.label}|{o.seed}", {})
+        if f"{o.label}|{o.seed}" in observed and theirs.get("status") == "done":
+            o.status, o.reason = "done", ""
+            o.wall_seconds = float(theirs.get("wall_seconds", o.wall_seconds))
     write_report(out, outcomes, base=base, metric=metric, reference=reference)
     return outcomes
 

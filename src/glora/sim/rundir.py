@@ -78,6 +78,10 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used (locked, already holds a run, no checkpoint...)."""
 
 
+class RunDirLocked(RunDirError):
+    """The run directory is locked by another live glora run."""
+
+
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
@@ -173,7 +177,7 @@ class RunDir:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            raise RunDirError(
+            raise RunDirLocked(
                 f"run directory {str(self.path)!r} is in use by another glora run (lock file "
                 f"{str(self.path / '.lock')!r}); wait for it to finish or choose another name"
             ) from None
