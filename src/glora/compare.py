@@ -270,8 +270,12 @@ def _finished(run_dir: Path, rounds: int) -> bool:
     return _reaches(_read_metrics(run_dir), rounds)
 
 
+def _round(record: Mapping[str, Any]) -> int:
+    return int(record.get("round", 0))
+
+
 def _reaches(recs: Sequence[Mapping[str, Any]], rounds: int) -> bool:
-    return bool(recs) and max(int(r.get("round", 0)) for r in recs) >= rounds
+    return bool(recs) and max(_round(r) for r in recs) >= rounds
 
 
 #: a run's evaluation counts as one class when at least this share of the examples get the
@@ -292,18 +296,20 @@ def _kept_path(out: Path, run_name: str) -> Path:
     return out / RECORDS / f"{run_name}.json"
 
 
-def _keep_records(out: Path, run_dir: Path) -> None:
+def _keep_records(out: Path, run_dir: Path) -> dict[str, Any] | None:
     """Write ``out/records/<run>.json``: the run's saved config and its round records without
-    ``diagnostics`` (per-module spectra, the bulk of ``metrics.jsonl``); atomic."""
+    ``diagnostics`` (per-module spectra, the bulk of ``metrics.jsonl``); atomic. Returns the
+    saved config it kept (``None`` for a directory without ``config.yaml``: nothing kept)."""
     import yaml
 
     if not (run_dir / "config.yaml").is_file():  # not a simulator run directory: nothing to reuse
-        return
+        return None
     recs = [{k: v for k, v in r.items() if k != "diagnostics"} for r in _read_metrics(run_dir)]
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     path = _kept_path(out, run_dir.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"config": config, "records": recs}) + "\n")
+    return config
 
 
 def _read_kept(out: Path, run_name: str) -> dict[str, Any] | None:
@@ -461,13 +467,14 @@ def _save_status(
     outcomes: Sequence[RunOutcome],
     meta: Mapping[str, Any],
     observed: Collection[str] = (),
-) -> None:
+) -> dict[str, dict[str, Any]]:
     """Write ``status.json``: this call's runs, plus the runs another call of the same base
     config recorded there (e.g. a second process that ran other seeds into this directory).
 
     ``observed`` are the keys (``label|seed``) of runs this call did not run itself: skipped as
     finished, or refused because another process held the run directory. Where the file lists
     such a run as done, its entry (with the wall time of the process that ran it) is kept.
+    Returns the entries written, ``{"label|seed": entry}``.
 
     The file is re-read just before writing, under an exclusive lock on ``out`` (see
     :func:`_status_lock`), so two processes on disjoint runs of one comparison keep each other's
@@ -493,6 +500,7 @@ def _save_status(
             seeds = sorted(set(seeds) | set(old.get("seeds", [])))
         status = {**meta, "methods": methods, "seeds": seeds, "runs": runs}
         write_text_atomic(out / "status.json", json.dumps(status, indent=2) + "\n")
+    return {r["key"]: r for r in runs}
 
 
 @contextlib.contextmanager
@@ -580,8 +588,7 @@ def run_compare(
             if _reaches(recs, cfg.training.rounds):  # finished; resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
                 observed.add(f"{spec.label}|{seed}")
-                _keep_records(out, run_dir)
-                note = _differs_note(_saved_config(run_dir), cfg, RESULT_KEYS)
+                note = _differs_note(_keep_records(out, run_dir), cfg, RESULT_KEYS)
                 say(f"[{spec.label} seed {seed}] finished earlier: skipped{note}")
                 continue
             again = _holds_run(run_dir)
@@ -638,11 +645,10 @@ def run_compare(
             if o.status != "done":
                 say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
             _save_status(out, outcomes, meta, observed)
-    _save_status(out, outcomes, meta, observed)
+    written = _save_status(out, outcomes, meta, observed)
     # a run another process finished while this one found it busy is reported as it ended there
-    merged = _load_status(out)
     for o in outcomes:
-        theirs = merged.get(f"{o.label}|{o.seed}", {})
+        theirs = written.get(f"{o.label}|{o.seed}", {})
         if f"{o.label}|{o.seed}" in observed and theirs.get("status") == "done":
             o.status, o.reason = "done", ""
             o.wall_seconds = float(theirs.get("wall_seconds", o.wall_seconds))
@@ -651,20 +657,20 @@ def run_compare(
 
 
 # ---------------------------------------------------------------------------- report
-def _planned_rounds(base: Mapping[str, Any]) -> int | None:
-    """The comparison's ``training.rounds`` (its config's default when the base leaves it out;
-    ``None`` when the base is not a valid config)."""
+def _base_run_config(base: Mapping[str, Any]) -> RunConfig | None:
+    """The comparison's base config as a run config (method set to GLoRA, which runs any
+    federation; ``None`` when the base is not a valid config)."""
     try:
-        return validate_config({**dict(base), "method": {"name": "glora"}}).training.rounds
+        return validate_config({**dict(base), "method": {"name": "glora"}})
     except ConfigError:
         return None
 
 
-def _round(record: Mapping[str, Any]) -> int:
-    try:
-        return int(record.get("round", 0))
-    except (TypeError, ValueError):
-        return 0
+def _planned_rounds(base: Mapping[str, Any]) -> int | None:
+    """The comparison's ``training.rounds`` (its config's default when the base leaves it out;
+    ``None`` when the base is not a valid config)."""
+    cfg = _base_run_config(base)
+    return cfg.training.rounds if cfg is not None else None
 
 
 def _primary_metric(records: Sequence[Mapping[str, Any]], base: Mapping[str, Any]) -> str | None:
@@ -674,8 +680,9 @@ def _primary_metric(records: Sequence[Mapping[str, Any]], base: Mapping[str, Any
     try:
         from glora.tasks import build_task
 
-        cfg = validate_config({**dict(base), "method": {"name": "glora"}})
-        return build_task(cfg).primary_metric()
+        cfg = _base_run_config(base)
+        if cfg is not None:
+            return build_task(cfg).primary_metric()
     except Exception:
         pass
     keys: list[str] = []
