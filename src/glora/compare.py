@@ -237,6 +237,11 @@ class RunOutcome:
     wall_seconds: float = 0.0
     padded: bool = False
 
+    @property
+    def key(self) -> str:
+        """``label|seed``: the run's key in ``status.json``."""
+        return f"{self.label}|{self.seed}"
+
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
@@ -481,7 +486,7 @@ def _save_status(
     entries: one process's read-merge-write cannot interleave with another's. A file of another
     base config is replaced whole: its runs are of another federation.
     """
-    runs = [{"key": f"{o.label}|{o.seed}", **asdict(o)} for o in outcomes]
+    runs = [{"key": o.key, **asdict(o)} for o in outcomes]
     mine = {r["key"] for r in runs}
     methods, seeds = list(meta["methods"]), list(meta["seeds"])
     with _status_lock(out):
@@ -583,11 +588,11 @@ def run_compare(
             # relative to the report directory (which is where write_report resolves it), also
             # when the runs live elsewhere (e.g. runs/experiments/ beside docs/results/)
             o.run_dir = os.path.relpath(run_dir.resolve(), out.resolve())
-            prev = previous.get(f"{spec.label}|{seed}", {})
+            prev = previous.get(o.key, {})
             recs = _read_metrics(run_dir)
             if _reaches(recs, cfg.training.rounds):  # finished; resume=True (checked above)
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
-                observed.add(f"{spec.label}|{seed}")
+                observed.add(o.key)
                 note = _differs_note(_keep_records(out, run_dir), cfg, RESULT_KEYS)
                 say(f"[{spec.label} seed {seed}] finished earlier: skipped{note}")
                 continue
@@ -596,7 +601,7 @@ def run_compare(
             if kept is not None and _reaches(kept["records"], cfg.training.rounds):
                 # its config was checked above; the run directory itself is gone
                 o.status, o.wall_seconds = "done", float(prev.get("wall_seconds", 0.0))
-                observed.add(f"{spec.label}|{seed}")
+                observed.add(o.key)
                 note = _differs_note(kept.get("config"), cfg, RESULT_KEYS)
                 say(
                     f"[{spec.label} seed {seed}] finished earlier (kept in {RECORDS}/): "
@@ -629,7 +634,7 @@ def run_compare(
                 o.status, o.reason = "unsupported", str(exc)
             except RunDirLocked as exc:  # another process is running it: its entry will say
                 o.status, o.reason = "failed", f"{type(exc).__name__}: {exc}"
-                observed.add(f"{spec.label}|{seed}")
+                observed.add(o.key)
             except Exception as exc:  # one failed run must not lose the grid
                 o.status, o.reason = "failed", f"{type(exc).__name__}: {exc}"
             else:
@@ -646,12 +651,12 @@ def run_compare(
                 say(f"[{spec.label} seed {seed}] {o.status}: {o.reason}")
             _save_status(out, outcomes, meta, observed)
     written = _save_status(out, outcomes, meta, observed)
-    # a run another process finished while this one found it busy is reported as it ended there
-    for o in outcomes:
-        theirs = written.get(f"{o.label}|{o.seed}", {})
-        if f"{o.label}|{o.seed}" in observed and theirs.get("status") == "done":
-            o.status, o.reason = "done", ""
-            o.wall_seconds = float(theirs.get("wall_seconds", o.wall_seconds))
+    # a run another process finished is reported as it ended there: _save_status wrote that
+    # process's entry for it (for any other run, the entry written is this call's own outcome)
+    for o in (o for o in outcomes if o.key in observed):
+        entry = written[o.key]
+        o.status, o.reason = entry["status"], entry.get("reason", "")
+        o.wall_seconds = float(entry.get("wall_seconds", o.wall_seconds))
     write_report(out, outcomes, base=base, metric=metric, reference=reference)
     return outcomes
 
